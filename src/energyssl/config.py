@@ -1,0 +1,168 @@
+"""Pretraining configuration: one dataclass whose fields are the YAML keys and the
+command-line flags (``--batch-size`` sets ``batch_size``). Precedence: defaults, then
+the ``--config`` file, then flags. Unknown keys are an error that suggests the closest."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class PretrainConfig:
+    data: str = _opt(
+        "embedded",
+        "dataset: embedded, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, torchvision:NAME:DIR or an image folder",
+    )
+    model: str = _opt(
+        "essl_vit_mini_patch7",
+        "timm model name or energyssl preset (essl_vit_tiny_patch4, essl_vit_mini_patch7, essl_resnet_tiny, essl_convnext_tiny)",
+    )
+    img_size: int | None = _opt(None, "input size (default: the dataset's image size)")
+    patch_size: int | None = _opt(None, "patch size override for token models")
+    task: str = _opt(
+        "mixed", "corruption: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize or mixed"
+    )
+    corruption: dict = _opt(
+        {},
+        "per-task parameters, e.g. {grid_mask: {cell: 4, ratio: 0.7}, mixed: {tasks: [...], weights: [...]}}; on the command line: --set corruption.grid_mask.ratio=0.5",
+    )
+    steps: int = _opt(2, "restoration steps K")
+    alpha_init: float = _opt(1.0, "initial step size alpha (learned, kept positive)")
+    head_init_std: float = _opt(10.0, "energy head init: std * 1/sqrt(features); larger starts with a usable dE/dx")
+    langevin_std: float = _opt(0.0, "std of Gaussian noise added at each restoration step (Langevin style)")
+    loss: str = _opt("mse", "restoration loss: mse or smooth_l1")
+    epochs: int = _opt(10, "training epochs")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps in total (smoke runs)")
+    batch_size: int = _opt(64, "images per process and step")
+    blr: float = _opt(4e-3, "base learning rate; the actual lr is blr * total batch / 256")
+    lr: float | None = _opt(None, "absolute learning rate (overrides blr)")
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine decay")
+    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, alpha)")
+    clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on a GPU that supports it, else off), bf16, fp16, none")
+    crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
+    num_workers: int = _opt(0, "data loader worker processes")
+    seed: int = _opt(0, "random seed (data order, corruptions, init)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    out: str = _opt("runs/pretrain", "output folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs")
+    save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
+    log_every: int = _opt(10, "append metrics every N steps")
+    tensorboard: bool = _opt(True, "write TensorBoard logs")
+    resume: str | None = _opt(
+        None, "resume from a checkpoint folder, or 'auto' for the latest in --out", flag_const="auto"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _base_type(annotation: Any) -> type:
+    """``int | None`` -> int; used to parse command-line values."""
+    hint = typing.get_type_hints(PretrainConfig)[annotation] if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _check_keys(keys: list[str], where: str) -> None:
+    known = [f.name for f in fields(PretrainConfig)]
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    _check_keys(list(data), path)
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, with its help and default."""
+    parser.add_argument("--config", help="YAML file of config keys (flags override it)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any key, dotted for nested ones (value parsed as YAML), e.g. corruption.grid_mask.ratio=0.5",
+    )
+    hints = typing.get_type_hints(PretrainConfig)
+    for f in fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kind = _base_type(hints[f.name])
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind in (dict, list):
+            continue  # set through --config or --set
+        elif "flag_const" in f.metadata:
+            parser.add_argument(
+                flag, dest=f.name, nargs="?", const=f.metadata["flag_const"], default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    _check_keys(keys[:1], "--set")
+    node = target
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: '{key}' is not a mapping")
+    node[keys[-1]] = value
+
+
+def resolve(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults, then the YAML file, then ``--set`` values, then explicit flags."""
+    values: dict[str, Any] = PretrainConfig().to_dict()
+    if args.config:
+        for key, value in load_yaml(args.config).items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+        _set_dotted(values, key.strip(), yaml.safe_load(raw))
+    for f in fields(PretrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return PretrainConfig(**values)
+
+
+def save_yaml(config: PretrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,70 @@
+"""Distributed helpers for runs under ``torchrun`` (DDP). A plain ``python`` run is a
+world of one process, so the same code path serves both."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_distributed(device: str = "auto") -> World:
+    """Join the process group that ``torchrun`` describes in the environment, if any
+    (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return world
+
+
+def resolve_device(name: str, world: World) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
+    return torch.device(name)
+
+
+def all_finite(value: torch.Tensor, world: World) -> bool:
+    """True when ``value`` is finite on every process (all must agree before stopping)."""
+    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if world.distributed:
+        flag = flag.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def mean_across(value: float, world: World) -> float:
+    """Average a Python number over processes (for logging)."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def cleanup(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

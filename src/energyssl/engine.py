@@ -1,0 +1,119 @@
+"""The training engine: one epoch of restoration-loss optimisation, read top to bottom."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .corruptions import Corruption
+from .distributed import World, all_finite, mean_across
+from .energy import EnergyModel
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; the step was not applied."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+
+
+def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup, then half-cycle cosine decay to ``min_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def corruption_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A generator fixed by (seed, rank, step): a resumed run corrupts exactly as the original."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + step)
+
+
+def unwrap(model: nn.Module) -> EnergyModel:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    corruption: Corruption,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    lr_at: Callable[[int], float],
+    state: TrainState,
+    *,
+    steps: int,
+    seed: int,
+    world: World,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+    max_steps: int | None = None,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    log_every: int = 10,
+    on_checkpoint: Callable[[], None] | None = None,
+    save_every: int = 0,
+) -> None:
+    """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps."""
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
+    tick, seen = time.perf_counter(), 0
+    for images, _ in bar:
+        if max_steps is not None and state.step >= max_steps:
+            break
+        lr = lr_at(state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        images = images.to(device, non_blocking=True)
+        corrupted = corruption(images, corruption_generator(seed, world.rank, state.step))
+
+        grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(images, corrupted, steps=steps, grad_scale=grad_scale)
+        if not all_finite(out.loss, world):
+            raise NonFiniteLoss(f"loss is {out.loss.item()} at step {state.step}")
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            out.loss.backward()
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        state.step += 1
+        seen += images.shape[0]
+
+        alpha = unwrap(model).alpha.item()
+        bar.set_postfix(loss=f"{out.loss.item():.4f}", alpha=f"{alpha:.3f}", lr=f"{lr:.2e}")
+        if on_log is not None and state.step % log_every == 0:
+            elapsed = time.perf_counter() - tick
+            record = {
+                "epoch": state.epoch,
+                "loss": mean_across(out.loss.item(), world),
+                **{f"loss_step{k + 1}": mean_across(v.item(), world) for k, v in enumerate(out.step_losses)},
+                "corrupted_mse": mean_across(torch.mean((corrupted - images) ** 2).item(), world),
+                "alpha": alpha,
+                "lr": lr,
+                "img_per_s": seen * world.size / elapsed,
+            }
+            on_log(record)
+            tick, seen = time.perf_counter(), 0
+        if on_checkpoint is not None and save_every and state.step % save_every == 0:
+            on_checkpoint()
+    bar.close()

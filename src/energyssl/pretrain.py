@@ -1,0 +1,250 @@
+"""``energyssl pretrain``: build data, model and corruption from a config, train, checkpoint,
+resume, and export the backbone as a timm state dict."""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import checkpoint as ckpt
+from .config import PretrainConfig, save_yaml
+from .corruptions import build_corruption
+from .data import TransformedDataset, load_dataset, pretrain_transform
+from .distributed import World, cleanup, init_distributed, resolve_device
+from .energy import EnergyModel, freeze_dead_parameters
+from .engine import NonFiniteLoss, TrainState, cosine_lr, train_one_epoch, unwrap
+from .errors import UserError
+from .metrics import MetricsLogger
+from .models import backbone_kwargs, create_backbone
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+LOSS_CHOICES = ("mse", "smooth_l1")
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Reject impossible values before any work starts."""
+    checks = [
+        (cfg.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got '{cfg.amp}'"),
+        (cfg.loss in LOSS_CHOICES, f"loss must be one of {LOSS_CHOICES}, got '{cfg.loss}'"),
+        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.alpha_init > 0, f"alpha_init must be > 0, got {cfg.alpha_init}"),
+        (isinstance(cfg.corruption, dict), "corruption must be a mapping of task name to parameters"),
+        (len(cfg.crop_scale) == 2, f"crop_scale must be two numbers, got {cfg.crop_scale}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, embeddings' 1-d params and alpha (as MAE/timm)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int) -> dict[str, str]:
+    """What a checkpoint must agree on to be resumed or loaded into this model."""
+    return {
+        "model": cfg.model,
+        "img_size": str(img_size),
+        "in_chans": str(in_chans),
+        "patch_size": str(cfg.patch_size),
+        "method": "energy",
+    }
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run (or resume) a pretraining; returns the path of the exported backbone."""
+    validate(cfg)
+    world = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, world)
+    finally:
+        cleanup(world)
+
+
+def _pretrain(cfg: PretrainConfig, world: World) -> Path:
+    out = Path(cfg.out)
+    if world.is_main and (out / ckpt.LATEST).exists() and not cfg.resume:
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    device = resolve_device(cfg.device, world)
+    seed_everything(cfg.seed + world.rank)
+
+    dataset = load_dataset(cfg.data, train=True)
+    info = dataset.info
+    img_size = cfg.img_size or info.img_size
+    train_set = TransformedDataset(dataset, pretrain_transform(info, img_size, tuple(cfg.crop_scale)))
+    sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"{len(train_set)} images cannot fill one batch of {cfg.batch_size} per process; lower --batch-size"
+        )
+
+    corruption = build_corruption(cfg.task, cfg.corruption, in_chans=info.in_chans, mean=info.mean, std=info.std)
+    backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
+    model = EnergyModel(
+        backbone,
+        alpha_init=cfg.alpha_init,
+        head_init_std=cfg.head_init_std,
+        langevin_std=cfg.langevin_std,
+        loss=cfg.loss,
+    ).to(device)
+    example = torch.stack([train_set[i][0] for i in range(2)]).to(device)
+    dead = freeze_dead_parameters(model, example)
+
+    total_batch = cfg.batch_size * world.size
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    amp_dtype = amp_dtype_for(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    lr_at = partial(cosine_lr, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=warmup, total_steps=total_steps)
+
+    metadata = run_metadata(cfg, img_size, info.in_chans)
+    state = TrainState()
+    if cfg.resume:
+        folder = ckpt.find_checkpoint(out if cfg.resume == "auto" else Path(cfg.resume))
+        ckpt.load_weights(model, folder / ckpt.WEIGHTS, expect=metadata)
+        saved = ckpt.load_training_state(folder)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state = TrainState(step=saved["step"], epoch=saved["epoch"])
+        if world.is_main:
+            print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
+
+    ddp_model: nn.Module = model
+    if world.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    logger = None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+        logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+        print(
+            f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+            f"{len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps}, lr {base_lr:.2e}, "
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, {world.size} process(es), {device}"
+            + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
+        )
+
+    def save() -> None:
+        if world.is_main:
+            training_state = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "config": json.dumps(cfg.to_dict()),
+            }
+            ckpt.save_checkpoint(out, model, training_state, metadata)
+
+    def log(record: dict[str, float]) -> None:
+        if logger is not None:
+            logger.log(state.step, record)
+
+    try:
+        while state.epoch < cfg.epochs and (cfg.max_steps is None or state.step < cfg.max_steps):
+            sampler.set_epoch(state.epoch)
+            done_in_epoch = state.step - state.epoch * steps_per_epoch
+            epoch_loader = loader
+            if done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
+                epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size)
+            train_one_epoch(
+                ddp_model,
+                corruption,
+                epoch_loader,
+                optimizer,
+                lr_at,
+                state,
+                steps=cfg.steps,
+                seed=cfg.seed,
+                world=world,
+                device=device,
+                amp_dtype=amp_dtype,
+                scaler=scaler,
+                clip_grad=cfg.clip_grad,
+                max_steps=cfg.max_steps,
+                on_log=log,
+                log_every=cfg.log_every,
+                on_checkpoint=save,
+                save_every=cfg.save_every,
+            )
+            if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
+                state.epoch += 1
+            save()
+    except NonFiniteLoss as exc:
+        save()
+        raise UserError(
+            f"stopped: {exc}; the last good state is saved in {out} (resume with --resume after lowering "
+            "--blr or setting --clip-grad)"
+        ) from exc
+    finally:
+        if logger is not None:
+            logger.close()
+
+    export_path = out / ckpt.BACKBONE
+    if world.is_main:
+        ckpt.export_backbone(
+            export_path,
+            unwrap(model).backbone,
+            cfg.model,
+            backbone_kwargs(cfg.model, img_size, info.in_chans, cfg.patch_size),
+        )
+        print(f"done at step {state.step}; backbone exported to {export_path}")
+    return export_path
+
+
+def _skip_batches(loader: DataLoader, sampler: DistributedSampler, skip_samples: int) -> DataLoader:
+    """A loader over the same epoch order minus its first ``skip_samples`` indices."""
+    indices = list(iter(sampler))[skip_samples:]
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=indices,
+        num_workers=loader.num_workers,
+        drop_last=True,
+        pin_memory=loader.pin_memory,
+    )
