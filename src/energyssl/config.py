@@ -31,7 +31,8 @@ class PretrainConfig:
     )
     model: str = _opt(
         "essl_vit_mini_patch7",
-        "timm model name or energyssl preset (essl_vit_tiny_patch4, essl_vit_mini_patch7, essl_resnet_tiny, essl_convnext_tiny)",
+        "timm model name or energyssl preset "
+        "(essl_vit_tiny_patch4, essl_vit_mini_patch7, essl_resnet_tiny, essl_convnext_tiny)",
     )
     img_size: int | None = _opt(None, "input size (default: the dataset's image size)")
     patch_size: int | None = _opt(None, "patch size override for token models")
@@ -40,7 +41,8 @@ class PretrainConfig:
     )
     corruption: dict = _opt(
         {},
-        "per-task parameters, e.g. {grid_mask: {cell: 4, ratio: 0.7}, mixed: {tasks: [...], weights: [...]}}; on the command line: --set corruption.grid_mask.ratio=0.5",
+        "per-task parameters, e.g. {grid_mask: {cell: 4, ratio: 0.7}, mixed: {tasks: [...], weights: [...]}}; "
+        "on the command line: --set corruption.grid_mask.ratio=0.5",
     )
     steps: int = _opt(2, "restoration steps K")
     alpha_init: float = _opt(1.0, "initial step size alpha (learned, kept positive)")
@@ -48,7 +50,9 @@ class PretrainConfig:
     langevin_std: float = _opt(0.0, "std of Gaussian noise added at each restoration step (Langevin style)")
     loss: str = _opt("mse", "restoration loss: mse or smooth_l1")
     epochs: int = _opt(10, "training epochs")
-    max_steps: int | None = _opt(None, "stop after this many optimizer steps in total (smoke runs)")
+    max_steps: int | None = _opt(
+        None, "stop after this many optimizer steps in total (smoke runs; the lr schedule still spans --epochs)"
+    )
     batch_size: int = _opt(64, "images per process and step")
     blr: float = _opt(4e-3, "base learning rate; the actual lr is blr * total batch / 256")
     lr: float | None = _opt(None, "absolute learning rate (overrides blr)")
@@ -122,14 +126,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = _base_type(hints[f.name])
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind in (dict, list):
-            continue  # set through --config or --set
+        elif kind is dict:
+            parser.add_argument(flag, dest=f.name, type=_yaml_mapping, default=None, metavar="YAML", help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_text)
         elif "flag_const" in f.metadata:
             parser.add_argument(
                 flag, dest=f.name, nargs="?", const=f.metadata["flag_const"], default=None, help=help_text
             )
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{grid_mask: {{ratio: 0.5}}}}', got {text!r}")
+    return value
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:

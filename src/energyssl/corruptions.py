@@ -150,7 +150,7 @@ class Mixed(Corruption):
     """One corruption drawn per image, with probabilities proportional to ``weights``."""
 
     name: ClassVar[str] = "mixed"
-    corruptions: list[Corruption] = field(default_factory=list)
+    corruptions: dict[str, Corruption] = field(default_factory=dict)
     weights: list[float] | None = None
 
     def __post_init__(self) -> None:
@@ -169,7 +169,7 @@ class Mixed(Corruption):
     def __call__(self, x: Tensor, generator: Generator = None) -> Tensor:
         choice = self.choose(x.shape[0], generator, x.device)
         out = x.clone()
-        for index, corruption in enumerate(self.corruptions):
+        for index, corruption in enumerate(self.corruptions.values()):
             picked = (choice == index).nonzero().squeeze(1)
             if picked.numel():
                 out[picked] = corruption(x[picked], generator)
@@ -202,7 +202,7 @@ def build_corruption(
             raise UserError(f"unknown parameter(s) for mixed: {', '.join(mixed)}")
         if "mixed" in tasks:
             raise UserError("mixed cannot contain itself")
-        parts = [build_corruption(t, params, in_chans=in_chans, mean=mean, std=std) for t in tasks]
+        parts = {t: build_corruption(t, params, in_chans=in_chans, mean=mean, std=std) for t in tasks}
         return Mixed(parts, weights)
     if task == "colorize" and in_chans != 3:
         raise UserError(f"colorization needs 3-channel images, the data has {in_chans} channel(s)")
@@ -214,6 +214,13 @@ def build_corruption(
         kwargs.setdefault("mean", tuple(mean))
         kwargs.setdefault("std", tuple(std))
     return _construct(CORRUPTIONS[task], task, kwargs)
+
+
+def task_corruptions(corruption: Corruption, task: str) -> dict[str, Corruption]:
+    """The individual corruptions in use, by name (the parts of ``mixed``, or the one task)."""
+    if isinstance(corruption, Mixed):
+        return dict(corruption.corruptions)
+    return {task: corruption}
 
 
 def _construct(cls: type[Corruption], task: str, kwargs: dict[str, Any]) -> Corruption:

@@ -45,6 +45,11 @@ def batchnorm_uses_running_stats(module: nn.Module) -> Iterator[None]:
             m.train()
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision values (under autocast) are promoted; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -91,7 +96,7 @@ class EnergyModel(nn.Module):
 
     def energy(self, x: Tensor) -> Tensor:
         """Energy of each image, shape (B,). Low energy means a likely image."""
-        return self.head(self.backbone(x)).squeeze(-1).float()
+        return _at_least_fp32(self.head(self.backbone(x)).squeeze(-1))
 
     def energy_grad(self, x: Tensor, create_graph: bool = False, grad_scale: float = 1.0) -> Tensor:
         """dE/dx at ``x`` (treated as a leaf). ``grad_scale`` follows PyTorch's AMP
@@ -128,7 +133,7 @@ class EnergyModel(nn.Module):
                 self.backbone(clean)  # update BatchNorm running statistics from clean images
         create_graph = torch.is_grad_enabled()
         restored = self.restore(corrupted, steps, create_graph=create_graph, grad_scale=grad_scale)
-        step_losses = [self.loss_fn(x.float(), clean.float()) for x in restored]
+        step_losses = [self.loss_fn(_at_least_fp32(x), _at_least_fp32(clean)) for x in restored]
         return Restoration(torch.stack(step_losses).sum(), step_losses, [x.detach() for x in restored])
 
 

@@ -117,3 +117,30 @@ def train_one_epoch(
         if on_checkpoint is not None and save_every and state.step % save_every == 0:
             on_checkpoint()
     bar.close()
+
+
+def evaluate_restoration(
+    model: EnergyModel,
+    images: torch.Tensor,
+    corruptions: dict[str, Corruption],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[str, dict[str, float]]:
+    """Mean squared error to the clean images of each corrupted input and of each restoration
+    step, per corruption: the restoration works where ``restored_mse`` < ``corrupted_mse``."""
+    model.eval()
+    report = {}
+    for name, corruption in corruptions.items():
+        generator = torch.Generator().manual_seed(seed)
+        sums = torch.zeros(steps + 1, dtype=torch.float64)
+        for start in range(0, len(images), batch_size):
+            clean = images[start : start + batch_size]
+            corrupted = corruption(clean, generator)
+            restored = model.restore(corrupted, steps)
+            for k, x in enumerate([corrupted, *restored]):
+                sums[k] += ((x.detach() - clean) ** 2).mean(dim=(1, 2, 3)).sum().item()
+        mse = (sums / len(images)).tolist()
+        report[name] = {"corrupted_mse": mse[0], **{f"step{k}_mse": v for k, v in enumerate(mse[1:], 1)}}
+        report[name]["restored_mse"] = mse[-1]
+    return report

@@ -16,17 +16,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save_yaml
-from .corruptions import build_corruption
-from .data import TransformedDataset, load_dataset, pretrain_transform
+from .corruptions import Corruption, build_corruption, task_corruptions
+from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, pretrain_transform
 from .distributed import World, cleanup, init_distributed, resolve_device
 from .energy import EnergyModel, freeze_dead_parameters
-from .engine import NonFiniteLoss, TrainState, cosine_lr, train_one_epoch, unwrap
+from .engine import NonFiniteLoss, TrainState, cosine_lr, evaluate_restoration, train_one_epoch, unwrap
 from .errors import UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 LOSS_CHOICES = ("mse", "smooth_l1")
+RESTORATION_EVAL_IMAGES = 512
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -133,9 +134,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
     amp_dtype = amp_dtype_for(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = cfg.epochs * steps_per_epoch  # --max-steps stops early; it never reshapes the schedule
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
     lr_at = partial(cosine_lr, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=warmup, total_steps=total_steps)
 
@@ -227,6 +226,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
 
     export_path = out / ckpt.BACKBONE
     if world.is_main:
+        report_restoration(unwrap(model), cfg, corruption, info, img_size, out)
         ckpt.export_backbone(
             export_path,
             unwrap(model).backbone,
@@ -235,6 +235,25 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         )
         print(f"done at step {state.step}; backbone exported to {export_path}")
     return export_path
+
+
+def report_restoration(
+    model: EnergyModel, cfg: PretrainConfig, corruption: Corruption, info: DataInfo, img_size: int, out: Path
+) -> None:
+    """Restoration error on held-out images (the test split where one exists), per task:
+    printed and saved as ``restoration.json``."""
+    try:
+        held_out = load_dataset(cfg.data, train=False)
+    except UserError:
+        held_out = load_dataset(cfg.data, train=True)
+    transform = eval_transform(info, img_size)
+    count = min(len(held_out), RESTORATION_EVAL_IMAGES)
+    images = torch.stack([transform(held_out[i][0]) for i in range(count)]).to(next(model.parameters()).device)
+    report = evaluate_restoration(model, images, task_corruptions(corruption, cfg.task), cfg.steps, seed=cfg.seed)
+    (out / "restoration.json").write_text(json.dumps({"images": count, "tasks": report}, indent=2))
+    print(f"restoration MSE on {count} held-out images (corrupted -> restored after K={cfg.steps} steps):")
+    for task, row in report.items():
+        print(f"  {task:<18} {row['corrupted_mse']:.4f} -> {row['restored_mse']:.4f}")
 
 
 def _skip_batches(loader: DataLoader, sampler: DistributedSampler, skip_samples: int) -> DataLoader:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then run the linter and the test suite (about a minute here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. .venv/bin/activate
+ruff check src tests
+python -m pytest -q

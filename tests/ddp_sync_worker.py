@@ -1,0 +1,30 @@
+"""Run under torchrun by test_pretrain: DDP must keep the energy model identical on every
+rank although each rank restores different images (double backward inside DDP's forward)."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from conftest import tiny_vit
+from energyssl.energy import freeze_dead_parameters
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = tiny_vit()
+freeze_dead_parameters(model, torch.randn(2, 1, 14, 14))
+ddp = nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+torch.manual_seed(100 + rank)  # different data per rank
+for _ in range(3):
+    clean = torch.randn(4, 1, 14, 14)
+    loss = ddp(clean, clean * (torch.rand_like(clean) > 0.5)).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(gathered, flat)
+assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
+assert not torch.equal(flat, torch.cat([p.detach().flatten() for p in tiny_vit().parameters()])), "nothing trained"
+print(f"rank {rank} in sync")
+dist.destroy_process_group()

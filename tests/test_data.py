@@ -1,0 +1,88 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from energyssl.data import eval_transform, load_dataset, pretrain_transform
+from energyssl.errors import UserError
+
+
+def test_embedded_subset_is_balanced_fashion_mnist():
+    train, test = load_dataset("embedded"), load_dataset("embedded", train=False)
+    assert (len(train), len(test)) == (4000, 1000)
+    assert np.bincount(train.labels).tolist() == [400] * 10
+    image, label = train[0]
+    assert image.size == (28, 28) and image.mode == "L" and 0 <= label < 10
+    assert train.info.in_chans == 1 and 0.2 < train.info.mean[0] < 0.4
+
+
+def test_image_folder_with_classes_skips_unreadable_files(tmp_path, capsys):
+    for cls, colour in (("cat", 10), ("dog", 200)):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (20, 16), (colour, i, 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image")
+    ds = load_dataset(str(tmp_path))
+    assert len(ds) == 6 and ds.skipped == 1 and ds.classes == ["cat", "dog"]
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+    image, label = ds[4]
+    assert label == 1 and image.mode == "RGB"
+    assert ds.info.in_chans == 3
+
+
+def test_flat_unlabeled_folder(tmp_path):
+    for i in range(4):
+        Image.new("L", (30, 30), i * 40).save(tmp_path / f"{i}.jpg")
+    ds = load_dataset(str(tmp_path))
+    assert len(ds) == 4 and ds[0][1] == -1 and ds.info.in_chans == 1
+
+
+def test_missing_and_empty_data_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_dataset(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="no readable images"):
+        load_dataset(str(tmp_path))
+    with pytest.raises(UserError, match="not found"):
+        load_dataset(f"cifar10:{tmp_path}")
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_fashion_mnist_idx_files_from_a_user_folder(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 9], dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    ds = load_dataset(f"fashion-mnist:{tmp_path}", train=False)
+    assert len(ds) == 5 and ds[4][1] == 9
+    assert np.array_equal(np.asarray(ds[2][0]), images[2])
+
+
+def test_cifar10_python_format(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batch = {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    ds = load_dataset(f"cifar10:{tmp_path}", train=False)
+    image, label = ds[1]
+    assert image.size == (32, 32) and image.mode == "RGB" and label == 1
+    assert np.array_equal(np.asarray(image)[..., 0], batch[b"data"][1, :1024].reshape(32, 32))
+
+
+def test_transforms_give_normalised_tensors_of_the_requested_size():
+    ds = load_dataset("embedded")
+    torch.manual_seed(0)
+    x = pretrain_transform(ds.info, 24)(ds[0][0])
+    assert x.shape == (1, 24, 24)
+    y = eval_transform(ds.info, 28)(ds[0][0])
+    assert y.shape == (1, 28, 28)
+    batch = torch.stack([eval_transform(ds.info, 28)(ds[i][0]) for i in range(200)])
+    assert abs(batch.mean().item()) < 0.15 and abs(batch.std().item() - 1) < 0.15

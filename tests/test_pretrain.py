@@ -1,0 +1,168 @@
+"""The `pretrain` command end to end on the embedded data with a one-block ViT."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from energyssl.checkpoint import BACKBONE, find_checkpoint, load_training_state, read_metadata
+from energyssl.cli import main
+from energyssl.engine import cosine_lr
+from energyssl.metrics import read_metrics
+
+TINY = ["--model", "essl_vit_micro_patch7", "--batch-size", "16", "--no-tensorboard", "--log-every", "1"]
+
+
+def run_cli(*args: str, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "energyssl", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_pretrain_writes_checkpoint_metrics_config_and_a_timm_backbone(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out), "--max-steps", "3", "--task", "grid_mask"]) == 0
+    assert find_checkpoint(out).name == "checkpoint-00000003"
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
+    assert "task: grid_mask" in (out / "config.yaml").read_text()
+    report = json.loads((out / "restoration.json").read_text())
+    assert set(report["tasks"]) == {"grid_mask"}
+
+    meta = read_metadata(out / BACKBONE)
+    model = timm.create_model(meta["model"], num_classes=10, **json.loads(meta["model_kwargs"]))
+    missing, unexpected = model.load_state_dict(load_file(out / BACKBONE), strict=False)
+    assert set(missing) == {"head.weight", "head.bias"} and not unexpected
+    energy_weights = load_file(find_checkpoint(out) / "model.safetensors")
+    torch.testing.assert_close(model.patch_embed.proj.weight, energy_weights["backbone.patch_embed.proj.weight"])
+
+
+def test_short_pretraining_restores_better_than_the_corruption(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", *TINY, "--out", str(out), "--max-steps", "60", "--task", "grid_mask", "--log-every", "20"]
+    assert main([*args, "--model", "essl_vit_mini_patch7", "--batch-size", "32", "--warmup-epochs", "0.1"]) == 0
+    row = json.loads((out / "restoration.json").read_text())["tasks"]["grid_mask"]
+    assert row["restored_mse"] < 0.9 * row["corrupted_mse"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "/nonexistent/images"], "not found"),
+        (["--model", "no_such_model"], "unknown model"),
+        (["--task", "inpaint"], "unknown task"),
+        (["--task", "colorize"], "3-channel"),
+        (["--set", "bath_size=3"], "did you mean 'batch_size'"),
+        (["--amp", "fp8"], "amp must be one of"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, capsys, args, message):
+    assert main(["pretrain", *TINY, "--out", str(tmp_path / "run"), "--max-steps", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_config_file_key_and_empty_folder(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("epocs: 3\n")
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "a")]) == 2
+    assert "unknown config key 'epocs'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", *TINY, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2
+    assert "no readable images" in capsys.readouterr().err
+
+
+def test_config_file_and_flags_combine(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("task: grid_mask\ncorruption: {grid_mask: {ratio: 0.3}}\nsteps: 1\nbatch_size: 8\n")
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--config", str(config), "--out", str(out), "--max-steps", "1"]) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "ratio: 0.3" in saved and "steps: 1" in saved and "batch_size: 16" in saved  # the flag wins
+
+
+def test_nan_loss_stops_with_the_last_good_state(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["pretrain", *TINY, "--out", str(out), "--max-steps", "5", "--alpha-init", "1e38"])
+    assert code == 2
+    assert "loss is" in capsys.readouterr().err
+    folder = find_checkpoint(out)
+    assert load_training_state(folder)["step"] == 0
+    weights = load_file(folder / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out), "--max-steps", "1"]) == 0
+    assert main(["pretrain", *TINY, "--out", str(out), "--max-steps", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_at_its_step_with_the_same_schedule(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--save-every", "3", "--epochs", "2", "--warmup-epochs", "0.5"]
+    proc = subprocess.Popen([sys.executable, "-m", "energyssl", "pretrain", *args], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    latest = out / "latest"
+    while time.time() < deadline and not (latest.exists() and int(latest.read_text().split("-")[1]) >= 6):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = find_checkpoint(out)
+    saved_step = load_training_state(saved)["step"]
+    assert saved_step >= 6 and saved_step % 3 == 0
+
+    result = run_cli("pretrain", *args, "--resume", "--max-steps", str(saved_step + 3))
+    assert result.returncode == 0, result.stderr
+    assert f"at step {saved_step}" in result.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    resumed = [r for r in records if r["step"] > saved_step]
+    assert [r["step"] for r in resumed][-3:] == [saved_step + 1, saved_step + 2, saved_step + 3]
+    steps_per_epoch = 4000 // 16
+    for r in resumed:
+        # the schedule is that of the uninterrupted 2-epoch run
+        expected = cosine_lr(r["step"] - 1, 4e-3 * 16 / 256, 0.0, steps_per_epoch // 2, 2 * steps_per_epoch)
+        assert r["lr"] == pytest.approx(expected)
+    assert load_training_state(find_checkpoint(out))["step"] == saved_step + 3
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out), "--max-steps", "1"]) == 0
+    code = main(["pretrain", *TINY, "--out", str(out), "--resume", "--model", "essl_vit_mini_patch7"])
+    assert code == 2
+    assert "model=essl_vit_micro_patch7" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        "-m", "energyssl", "pretrain", *TINY, "--out", str(out), "--max-steps", "3", "--task", "grid_mask",
+    ]  # fmt: skip
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    assert load_training_state(find_checkpoint(out))["step"] == 3
+    assert Path(out / BACKBONE).exists()
+
+
+def test_ddp_keeps_ranks_in_sync_through_the_double_backward():
+    worker = Path(__file__).parent / "ddp_sync_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("in sync") == 2
