@@ -141,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _yaml_mapping(text: str) -> dict[str, Any]:
     value = yaml.safe_load(text)
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{grid_mask: {{ratio: 0.5}}}}', got {text!r}")
+        example = "{grid_mask: {ratio: 0.5}}"
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{example}', got {text!r}")
     return value
 
 
