@@ -88,24 +88,30 @@ def load_weights(model: nn.Module, path: Path, expect: dict[str, str] | None = N
         if key in metadata and metadata[key] != value:
             raise UserError(f"checkpoint {path} was made with {key}={metadata[key]}, this run uses {key}={value}")
     state = load_file(str(path))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
-        if mismatched:
-            k = sorted(mismatched)[0]
-            parts.append(
-                f"{len(mismatched)} shape mismatch(es) e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-            )
-        raise UserError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise UserError(f"checkpoint {path} does not match the model: {problem}")
     model.load_state_dict(state)
     return metadata
+
+
+def describe_mismatch(
+    own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], ignore: frozenset[str] | set[str] = frozenset()
+) -> str:
+    """What differs between a model's state dict and saved tensors ('' when they fit)."""
+    missing = sorted(set(own) - set(saved) - ignore)
+    unexpected = sorted(set(saved) - set(own) - ignore)
+    mismatched = sorted(k for k in (set(own) & set(saved)) - ignore if own[k].shape != saved[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
+    if mismatched:
+        k = mismatched[0]
+        shapes = f"{tuple(saved[k].shape)} saved vs {tuple(own[k].shape)} in the model"
+        parts.append(f"{len(mismatched)} shape mismatch(es) e.g. {k}: {shapes}")
+    return "; ".join(parts)
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from .errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_arguments
+    from .config import PretrainConfig, add_arguments
 
     parser = argparse.ArgumentParser(
         prog="energyssl",
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "steps on the input, and the loss is each step's distance to the clean image. Runs on one process, "
         "or on many under `torchrun --nproc_per_node=N -m energyssl pretrain ...`.",
     )
-    add_arguments(pretrain)
+    add_arguments(pretrain, PretrainConfig)
     return parser
 
 
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pretrain":
-            from .config import resolve
+            from .config import PretrainConfig, resolve
             from .pretrain import pretrain
 
-            pretrain(resolve(args))
+            pretrain(resolve(args, PretrainConfig))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Pretraining configuration: one dataclass whose fields are the YAML keys and the
+"""Command configurations: one dataclass per command whose fields are the YAML keys and the
 command-line flags (``--batch-size`` sets ``batch_size``). Precedence: defaults, then
 the ``--config`` file, then flags. Unknown keys are an error that suggests the closest."""
 
@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -23,8 +23,13 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+ConfigT = TypeVar("ConfigT", bound="CommonConfig")
+
+
 @dataclass
-class PretrainConfig:
+class CommonConfig:
+    """Keys shared by every command (data, model, optimisation, output)."""
+
     data: str = _opt(
         "embedded",
         "dataset: embedded, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, torchvision:NAME:DIR or an image folder",
@@ -36,6 +41,30 @@ class PretrainConfig:
     )
     img_size: int | None = _opt(None, "input size (default: the dataset's image size)")
     patch_size: int | None = _opt(None, "patch size override for token models")
+    epochs: int = _opt(10, "training epochs")
+    max_steps: int | None = _opt(
+        None, "stop after this many optimizer steps in total (smoke runs; the lr schedule still spans --epochs)"
+    )
+    batch_size: int = _opt(64, "images per process and step")
+    blr: float = _opt(4e-3, "base learning rate; the actual lr is blr * total batch / 256")
+    lr: float | None = _opt(None, "absolute learning rate (overrides blr)")
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine decay")
+    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, alpha)")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on a GPU that supports it, else off), bf16, fp16, none")
+    num_workers: int = _opt(0, "data loader worker processes")
+    seed: int = _opt(0, "random seed (data order, corruptions, init)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    out: str = _opt("runs/pretrain", "output folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs")
+    log_every: int = _opt(10, "append metrics every N steps")
+    tensorboard: bool = _opt(True, "write TensorBoard logs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PretrainConfig(CommonConfig):
     task: str = _opt(
         "mixed", "corruption: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize or mixed"
     )
@@ -49,44 +78,60 @@ class PretrainConfig:
     head_init_std: float = _opt(10.0, "energy head init: std * 1/sqrt(features); larger starts with a usable dE/dx")
     langevin_std: float = _opt(0.0, "std of Gaussian noise added at each restoration step (Langevin style)")
     loss: str = _opt("mse", "restoration loss: mse or smooth_l1")
-    epochs: int = _opt(10, "training epochs")
-    max_steps: int | None = _opt(
-        None, "stop after this many optimizer steps in total (smoke runs; the lr schedule still spans --epochs)"
-    )
-    batch_size: int = _opt(64, "images per process and step")
-    blr: float = _opt(4e-3, "base learning rate; the actual lr is blr * total batch / 256")
-    lr: float | None = _opt(None, "absolute learning rate (overrides blr)")
-    min_lr: float = _opt(0.0, "learning rate at the end of the cosine decay")
-    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
-    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, alpha)")
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
-    amp: str = _opt("auto", "mixed precision: auto (bf16 on a GPU that supports it, else off), bf16, fp16, none")
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
-    num_workers: int = _opt(0, "data loader worker processes")
-    seed: int = _opt(0, "random seed (data order, corruptions, init)")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    out: str = _opt("runs/pretrain", "output folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
-    log_every: int = _opt(10, "append metrics every N steps")
-    tensorboard: bool = _opt(True, "write TensorBoard logs")
     resume: str | None = _opt(
         None, "resume from a checkpoint folder, or 'auto' for the latest in --out", flag_const="auto"
     )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass
+class EvalConfig(CommonConfig):
+    """Keys shared by the downstream commands (fine-tune and probes)."""
+
+    init: str = _opt("none", "pretrained run folder, checkpoint folder or .safetensors file; 'none' = random init")
+    model: str | None = _opt(None, "backbone name (default: the checkpoint's; essl_vit_mini_patch7 with --init none)")
+    label_fraction: float = _opt(1.0, "fraction of the labeled training set, drawn class-balanced with --seed")
+    blr: float = _opt(2e-3, "base learning rate; the actual lr is blr * batch / 256")
+    out: str = _opt("runs/eval", "output folder: results.json, metrics.jsonl, config.yaml")
 
 
-def _base_type(annotation: Any) -> type:
+@dataclass
+class FinetuneConfig(EvalConfig):
+    epochs: int = _opt(20, "training epochs")
+    layer_decay: float = _opt(0.75, "layer-wise lr decay (ViT blocks; stages for CNNs); 1 disables")
+    drop_path: float = _opt(0.1, "stochastic depth rate")
+    smoothing: float = _opt(0.1, "label smoothing")
+    mixup: float = _opt(0.8, "mixup alpha (0 disables)")
+    cutmix: float = _opt(1.0, "cutmix alpha (0 disables)")
+    randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
+    crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
+    ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
+    out: str = _opt("runs/finetune", "output folder: results.json, metrics.jsonl, config.yaml")
+
+
+@dataclass
+class ProbeConfig(EvalConfig):
+    protocol: str = _opt("linear", "linear, mlp, knn or attentive (frozen backbone)")
+    epochs: int = _opt(50, "epochs of the probe head on cached features")
+    batch_size: int = _opt(256, "feature vectors per step")
+    weight_decay: float = _opt(0.0, "AdamW weight decay of the probe head")
+    blr: float = _opt(1e-3, "base learning rate; the actual lr is blr * batch / 256")
+    knn_k: int = _opt(20, "neighbours for kNN")
+    knn_temperature: float = _opt(0.07, "temperature of kNN vote weights exp(cos / T)")
+    out: str = _opt("runs/probe", "output folder: results.json, config.yaml, cached features")
+
+
+def _base_type(hint: Any) -> type:
     """``int | None`` -> int; used to parse command-line values."""
-    hint = typing.get_type_hints(PretrainConfig)[annotation] if isinstance(annotation, str) else annotation
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
 
-def _check_keys(keys: list[str], where: str) -> None:
-    known = [f.name for f in fields(PretrainConfig)]
+def _check_keys(keys: list[str], where: str, cls: type[ConfigT]) -> None:
+    known = [f.name for f in fields(cls)]
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -94,7 +139,7 @@ def _check_keys(keys: list[str], where: str) -> None:
             raise UserError(f"unknown config key '{key}' in {where}{hint}")
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def load_yaml(path: str, cls: type[ConfigT]) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file not found: {path}")
@@ -104,12 +149,12 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    _check_keys(list(data), path)
+    _check_keys(list(data), path, cls)
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, with its help and default."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigT]) -> None:
+    """One flag per field of the config dataclass ``cls``, with its help and default."""
     parser.add_argument("--config", help="YAML file of config keys (flags override it)")
     parser.add_argument(
         "--set",
@@ -118,8 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="set any key, dotted for nested ones (value parsed as YAML), e.g. corruption.grid_mask.ratio=0.5",
     )
-    hints = typing.get_type_hints(PretrainConfig)
-    for f in fields(PretrainConfig):
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata['help']} (default: {default})"
@@ -146,9 +191,9 @@ def _yaml_mapping(text: str) -> dict[str, Any]:
     return value
 
 
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any, cls: type[ConfigT]) -> None:
     keys = dotted.split(".")
-    _check_keys(keys[:1], "--set")
+    _check_keys(keys[:1], "--set", cls)
     node = target
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -157,11 +202,11 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def resolve(args: argparse.Namespace) -> PretrainConfig:
+def resolve(args: argparse.Namespace, cls: type[ConfigT]) -> ConfigT:
     """Defaults, then the YAML file, then ``--set`` values, then explicit flags."""
-    values: dict[str, Any] = PretrainConfig().to_dict()
+    values: dict[str, Any] = cls().to_dict()
     if args.config:
-        for key, value in load_yaml(args.config).items():
+        for key, value in load_yaml(args.config, cls).items():
             if isinstance(value, dict) and isinstance(values.get(key), dict):
                 values[key] = {**values[key], **value}
             else:
@@ -170,13 +215,13 @@ def resolve(args: argparse.Namespace) -> PretrainConfig:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw))
-    for f in fields(PretrainConfig):
+        _set_dotted(values, key.strip(), yaml.safe_load(raw), cls)
+    for f in fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
-    return PretrainConfig(**values)
+    return cls(**values)
 
 
-def save_yaml(config: PretrainConfig, path: Path) -> None:
+def save_yaml(config: CommonConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
