@@ -1,0 +1,164 @@
+"""``energyssl finetune``: full fine-tuning with the paper's recipe (AdamW, layer-wise lr decay,
+drop path, RandAugment, mixup/cutmix, label smoothing, warmup + cosine), from a pretrained
+checkpoint or from scratch (``--init none``)."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from timm.data import Mixup
+from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS, rand_augment_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from tqdm import tqdm
+
+from ..config import FinetuneConfig, save_yaml
+from ..data import DataInfo, TransformedDataset, eval_transform
+from ..distributed import World, resolve_device
+from ..engine import cosine_lr
+from ..errors import UserError
+from ..metrics import MetricsLogger
+from ..pretrain import amp_dtype_for, seed_everything
+from .backbone import build_classifier
+from .common import load_eval_data, results_record
+from .results import evaluate_classifier, summary_line, write_results
+
+
+def finetune_transform(info: DataInfo, img_size: int, cfg: FinetuneConfig) -> transforms.Compose:
+    """RandomResizedCrop + flip + RandAugment (applied in RGB, so grey images work too)."""
+    steps: list = [
+        transforms.RandomResizedCrop(
+            img_size, scale=tuple(cfg.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
+        ),
+        transforms.RandomHorizontalFlip(),
+    ]
+    if cfg.randaug:
+        mean = tuple(round(255 * m) for m in (info.mean * 3 if info.in_chans == 1 else info.mean))
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": mean}
+        randaug = rand_augment_transform(cfg.randaug, hparams, transforms=randaug_ops(cfg.randaug))
+        mode = "L" if info.in_chans == 1 else "RGB"
+        steps.append(transforms.Lambda(lambda img: randaug(img.convert("RGB")).convert(mode)))
+    steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
+    return transforms.Compose(steps)
+
+
+def randaug_ops(spec: str) -> list[str]:
+    """timm's RandAugment ops minus Posterize: with magnitude noise it asks Pillow >= 12 for
+    0 bits, which Pillow rejects."""
+    ops = _RAND_INCREASING_TRANSFORMS if "inc1" in spec.split("-") else _RAND_TRANSFORMS
+    return [op for op in ops if not op.startswith("Posterize")]
+
+
+def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW with timm's layer-wise decay (needs ``group_matcher``; plain AdamW otherwise)."""
+    decay = cfg.layer_decay if cfg.layer_decay < 1 and hasattr(model, "group_matcher") else None
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, layer_decay=decay)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device, World())
+    seed_everything(cfg.seed)
+    data = load_eval_data(cfg, out)
+    num_classes = data.info.num_classes
+    model, name, init = build_classifier(
+        cfg.init,
+        cfg.model,
+        num_classes,
+        data.info.in_chans,
+        data.img_size,
+        cfg.patch_size,
+        drop_path_rate=cfg.drop_path,
+    )
+    model.to(device)
+
+    batch = min(cfg.batch_size, len(data.train) // 2 * 2)
+    if batch < 2:
+        raise UserError(f"only {len(data.train)} labeled image(s): raise --label-fraction")
+    train_loader = DataLoader(
+        TransformedDataset(data.train, finetune_transform(data.info, data.img_size, cfg)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+    )
+    test_loader = DataLoader(
+        TransformedDataset(data.test, eval_transform(data.info, data.img_size)),
+        batch_size=256,
+        num_workers=cfg.num_workers,
+    )
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=num_classes
+        )
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * batch / 256
+    optimizer = layer_decay_optimizer(model, cfg, base_lr)
+    steps_per_epoch = len(train_loader)
+    lr_at = partial(
+        cosine_lr,
+        base_lr=base_lr,
+        min_lr=cfg.min_lr,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+    )
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    amp_dtype = amp_dtype_for(cfg.amp, device)
+    save_yaml(cfg, out / "config.yaml")
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    print(
+        f"fine-tuning {name} on {len(data.train)} labeled images of {cfg.data} ({cfg.label_fraction:g} of labels), "
+        f"init {init.path or 'random'}, lr {base_lr:.2e}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+    )
+
+    step, best, metrics = 0, 0.0, {}
+    for epoch in range(cfg.epochs):
+        model.train()
+        for images, targets in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True):
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
+            images, targets = images.to(device), targets.to(device)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = criterion(model(images), targets)
+            if not torch.isfinite(loss):
+                raise UserError(f"fine-tuning loss is {loss.item()} at step {step}; lower --blr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+            if step % cfg.log_every == 0:
+                logger.log(step, {"epoch": epoch, "loss": loss.item(), "lr": lr_at(step - 1)})
+        metrics = evaluate_classifier(model, test_loader, device)
+        if ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in evaluate_classifier(ema.module, test_loader, device).items()})
+        best = max(best, metrics["top1"])
+        logger.log(step, {"epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()}})
+        print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    logger.close()
+    metrics["top1_best"] = best
+    record = results_record(cfg, "finetune", name, init, metrics, time.perf_counter() - start, len(data.train))
+    write_results(out, record)
+    print(summary_line(record))
+    return record
