@@ -117,7 +117,7 @@ class ProbeConfig(EvalConfig):
     epochs: int = _opt(50, "epochs of the probe head on cached features")
     batch_size: int = _opt(256, "feature vectors per step")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the probe head")
-    blr: float = _opt(1e-3, "base learning rate; the actual lr is blr * batch / 256")
+    blr: float = _opt(1e-2, "base learning rate; the actual lr is blr * batch / 256")
     knn_k: int = _opt(20, "neighbours for kNN")
     knn_temperature: float = _opt(0.07, "temperature of kNN vote weights exp(cos / T)")
     out: str = _opt("runs/probe", "output folder: results.json, config.yaml, cached features")

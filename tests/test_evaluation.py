@@ -1,0 +1,137 @@
+"""Fine-tuning, probes and reports on the embedded data with a one-block ViT."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from energyssl.checkpoint import BACKBONE, find_checkpoint
+from energyssl.cli import main
+from energyssl.evaluation.backbone import build_classifier
+from energyssl.evaluation.probe import knn_predict
+from energyssl.evaluation.results import balanced_subset
+
+MICRO = ["--model", "essl_vit_micro_patch7", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    args = ["pretrain", *MICRO, "--out", str(out), "--max-steps", "20", "--batch-size", "32", "--task", "grid_mask"]
+    assert main(args) == 0
+    return out
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("protocol", ["linear", "mlp", "knn", "attentive"])
+def test_probes_beat_chance(pretrained, tmp_path, protocol):
+    out = tmp_path / protocol
+    assert main(["probe", "--protocol", protocol, "--init", str(pretrained), "--out", str(out), "--epochs", "20"]) == 0
+    r = _results(out)
+    assert r["metrics"]["top1"] > 30.0, r["metrics"]
+    assert r["protocol"] == protocol and r["checkpoint"].endswith(BACKBONE) and len(r["checkpoint_sha256"]) == 64
+    assert r["labeled_images"] == 4000
+
+
+def test_probe_features_are_cached(pretrained, tmp_path, capsys):
+    out = tmp_path / "knn"
+    args = ["probe", "--protocol", "knn", "--init", str(pretrained), "--out", str(out)]
+    assert main(args) == 0
+    cache = out / "features.safetensors"
+    stamp = cache.stat().st_mtime_ns
+    assert main(args) == 0
+    assert cache.stat().st_mtime_ns == stamp
+    assert _results(out)["metrics"]["top1"] > 30.0
+
+
+def test_finetune_from_pretrained_and_from_scratch(pretrained, tmp_path):
+    common = [
+        "--epochs",
+        "6",
+        "--warmup-epochs",
+        "0.5",
+        "--label-fraction",
+        "0.25",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
+        "--randaug",
+        "",
+        *MICRO,
+    ]
+    for init in (str(pretrained), "none"):
+        out = tmp_path / ("pre" if init != "none" else "scratch")
+        assert main(["finetune", "--init", init, "--out", str(out), *common, "--blr", "1e-2"]) == 0
+        r = _results(out)
+        assert (
+            r["metrics"]["top1"] > 30.0 and "top5" in r["metrics"] and r["metrics"]["top1_best"] >= r["metrics"]["top1"]
+        )
+        assert r["labeled_images"] == 1000
+    assert _results(tmp_path / "pre")["loaded_tensors"] > 0 and _results(tmp_path / "scratch")["checkpoint"] is None
+
+
+def test_pretrained_weights_are_loaded_whole(pretrained):
+    model, name, init = build_classifier(str(pretrained), None, 10, 1, 28)
+    saved = load_file(pretrained / BACKBONE)
+    assert name == "essl_vit_micro_patch7" and init.loaded_tensors == len(saved)
+    own = model.state_dict()
+    for key, value in saved.items():
+        torch.testing.assert_close(own[key], value)
+    assert model.get_classifier().out_features == 10
+    # the energy-model checkpoint works as well, without its head and alpha
+    from_ckpt, _, init = build_classifier(str(find_checkpoint(pretrained)), None, 10, 1, 28)
+    assert init.path.endswith("model.safetensors") and init.loaded_tensors == len(saved)
+    torch.testing.assert_close(from_ckpt.patch_embed.proj.weight, own["patch_embed.proj.weight"])
+
+
+def test_mismatched_checkpoints_are_named(pretrained, tmp_path, capsys):
+    saved = load_file(pretrained / BACKBONE)
+    meta = {
+        "model": "essl_vit_micro_patch7",
+        "model_kwargs": json.dumps({"in_chans": 1, "img_size": 28}),
+        "format": "timm",
+    }
+    partial = {k: v for k, v in saved.items() if k != "blocks.0.attn.qkv.weight"}
+    save_file(partial, tmp_path / "partial.safetensors", metadata=meta)
+    assert main(["probe", "--init", str(tmp_path / "partial.safetensors"), "--out", str(tmp_path / "a")]) == 2
+    assert "missing 1 tensor(s) e.g. ['blocks.0.attn.qkv.weight']" in capsys.readouterr().err
+    assert main(["probe", "--init", str(pretrained), "--model", "essl_resnet_tiny", "--out", str(tmp_path / "b")]) == 2
+    assert "is a essl_vit_micro_patch7, but --model is essl_resnet_tiny" in capsys.readouterr().err
+    other = dict(meta, model="essl_vit_mini_patch7")
+    save_file(saved, tmp_path / "other.safetensors", metadata=other)
+    assert main(["probe", "--init", str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "c")]) == 2
+    assert "shape mismatch" in capsys.readouterr().err
+
+
+def test_labeled_subset_is_balanced_and_reproducible():
+    labels = np.repeat(np.arange(10), [100, 200, 50, 100, 100, 100, 100, 100, 100, 150])
+    a, b = balanced_subset(labels, 0.1, seed=3), balanced_subset(labels, 0.1, seed=3)
+    assert np.array_equal(a, b)
+    assert np.bincount(labels[a]).tolist() == [10, 20, 5, 10, 10, 10, 10, 10, 10, 15]
+    assert not np.array_equal(a, balanced_subset(labels, 0.1, seed=4))
+    assert np.bincount(labels[balanced_subset(labels, 0.001, seed=0)]).tolist() == [1] * 10
+
+
+def test_knn_votes_follow_the_nearest_neighbours():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_y = torch.tensor([0, 0, 1])
+    scores = knn_predict(train_x, train_y, torch.tensor([[1.0, 0.05], [0.1, 1.0]]), k=1, temperature=0.1, classes=2)
+    assert scores.argmax(1).tolist() == [0, 1]
+
+
+def test_report_gathers_results(pretrained, tmp_path, capsys):
+    for protocol in ("knn", "linear"):
+        assert (
+            main(["probe", "--protocol", protocol, "--init", str(pretrained), "--out", str(tmp_path / protocol)]) == 0
+        )
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "table.md")]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| essl_vit_micro_patch7 |") == 2 and "| knn |" in table and "| linear |" in table
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
