@@ -32,6 +32,21 @@ def _probe(cfg: Any) -> None:
     probe(cfg)
 
 
+def _analysis(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from . import analysis
+
+    if args.command == "restore":
+        analysis.restore(
+            args.init, args.task, Path(args.out), args.images, args.data, args.count, args.steps, args.seed
+        )
+    elif args.command == "energy":
+        analysis.energy_scores(args.init, args.data, Path(args.out), args.compare, args.task, args.count, args.seed)
+    else:
+        analysis.plot(args.runs, Path(args.out))
+
+
 def _config_commands() -> dict[str, tuple[type, Callable[[Any], None], str, str]]:
     from .config import FinetuneConfig, PretrainConfig, ProbeConfig
 
@@ -71,6 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, _, short, long) in _config_commands().items():
         add_arguments(commands.add_parser(name, help=short, description=long), cls)
+    restore = commands.add_parser(
+        "restore",
+        help="corrupt and restore images with a pretrained energy model; save the grid and PSNR",
+        description="Corrupt (or, with --task none, take as given) images and restore them by gradient steps "
+        "on the energy. Saves restoration.png and restoration.json (PSNR against the originals) in --out.",
+    )
+    restore.add_argument("--init", required=True, help="pretraining run folder or checkpoint folder")
+    restore.add_argument("--task", default="mixed", help="corruption name, mixed (each task), or none (default: mixed)")
+    source = restore.add_mutually_exclusive_group()
+    source.add_argument("--images", nargs="+", help="image files to restore")
+    source.add_argument("--data", help="dataset spec; its first --count test images (default: embedded)")
+    restore.add_argument("--count", type=int, default=6, help="images taken from --data (default: 6)")
+    restore.add_argument("--steps", type=int, help="restoration steps (default: the pretraining's K)")
+    restore.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
+    restore.add_argument("--out", default="runs/restore", help="output folder (default: runs/restore)")
+
+    energy = commands.add_parser(
+        "energy",
+        help="histograms of energy scores of real, corrupted and restored images",
+        description="Energy of real images, their corrupted versions and one-step restorations (and optionally "
+        "a second dataset). Saves energy.png and energy.json with statistics and AUROCs in --out.",
+    )
+    energy.add_argument("--init", required=True, help="pretraining run folder or checkpoint folder")
+    energy.add_argument("--data", default="embedded", help="dataset spec (default: embedded)")
+    energy.add_argument("--compare", help="a second dataset spec, e.g. another domain")
+    energy.add_argument("--task", help="corruption (default: the pretraining task)")
+    energy.add_argument("--count", type=int, default=1000, help="images per group (default: 1000)")
+    energy.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
+    energy.add_argument("--out", default="runs/energy", help="output folder (default: runs/energy)")
+
+    plot = commands.add_parser(
+        "plot", help="loss, alpha and lr curves of runs", description="Plot metrics.jsonl curves."
+    )
+    plot.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    plot.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
+
     report = commands.add_parser(
         "report", help="gather results.json files into a Markdown table", description="Gather results.json files."
     )
@@ -82,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "report":
+        if args.command in ("restore", "energy", "plot"):
+            _analysis(args)
+        elif args.command == "report":
             from .evaluation.results import report
 
             table = report(args.paths)

@@ -81,6 +81,7 @@ class PretrainConfig(CommonConfig):
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
+    vis_every: int = _opt(1, "save a restoration grid every N epochs in restorations/ (0: only at the end)")
     resume: str | None = _opt(
         None, "resume from a checkpoint folder, or 'auto' for the latest in --out", flag_const="auto"
     )

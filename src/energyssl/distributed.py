@@ -1,11 +1,13 @@
-"""Distributed helpers for runs under ``torchrun`` (DDP). A plain ``python`` run is a
-world of one process, so the same code path serves both."""
+"""Process setup: devices, seeds, precision, and runs under ``torchrun`` (DDP). A plain
+``python`` run is a world of one process, so the same code path serves both."""
 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,3 +70,15 @@ def mean_across(value: float, world: World) -> float:
 def cleanup(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]

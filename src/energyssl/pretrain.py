@@ -4,12 +4,10 @@ resume, and export the backbone as a timm state dict."""
 from __future__ import annotations
 
 import json
-import random
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -18,16 +16,18 @@ from . import checkpoint as ckpt
 from .config import PretrainConfig, save_yaml
 from .corruptions import Corruption, build_corruption, task_corruptions
 from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, pretrain_transform
-from .distributed import World, cleanup, init_distributed, resolve_device
+from .distributed import World, amp_dtype_for, cleanup, init_distributed, resolve_device, seed_everything
 from .energy import EnergyModel, freeze_dead_parameters
 from .engine import NonFiniteLoss, TrainState, cosine_lr, evaluate_restoration, train_one_epoch, unwrap
 from .errors import UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone
+from .visualize import save_restoration_grid
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 LOSS_CHOICES = ("mse", "smooth_l1")
 RESTORATION_EVAL_IMAGES = 512
+GRID_IMAGES = 4
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -47,12 +47,6 @@ def validate(cfg: PretrainConfig) -> None:
             raise UserError(message)
 
 
-def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms, embeddings' 1-d params and alpha (as MAE/timm)."""
     decay, no_decay = [], []
@@ -61,12 +55,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int) -> dict[str, str]:
@@ -139,6 +127,13 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     lr_at = partial(cosine_lr, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=warmup, total_steps=total_steps)
 
     metadata = run_metadata(cfg, img_size, info.in_chans)
+    # what tools reading the checkpoint later need (restore, energy): not checked on resume
+    descriptive = {
+        "mean": json.dumps(info.mean),
+        "std": json.dumps(info.std),
+        "task": cfg.task,
+        "steps": str(cfg.steps),
+    }
     state = TrainState()
     if cfg.resume:
         folder = ckpt.find_checkpoint(out if cfg.resume == "auto" else Path(cfg.resume))
@@ -157,8 +152,9 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    logger = None
+    logger, held_out = None, None
     if world.is_main:
+        held_out = load_held_out(cfg, info, img_size).to(device)
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
         logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
@@ -178,7 +174,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "config": json.dumps(cfg.to_dict()),
             }
-            ckpt.save_checkpoint(out, model, training_state, metadata)
+            ckpt.save_checkpoint(out, model, training_state, {**metadata, **descriptive})
 
     def log(record: dict[str, float]) -> None:
         if logger is not None:
@@ -213,6 +209,15 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             )
             if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
                 state.epoch += 1
+                if held_out is not None and cfg.vis_every and state.epoch % cfg.vis_every == 0:
+                    save_grid(
+                        unwrap(model),
+                        corruption,
+                        cfg,
+                        held_out,
+                        info,
+                        out / "restorations" / f"epoch-{state.epoch:03d}.png",
+                    )
             save()
     except NonFiniteLoss as exc:
         save()
@@ -225,8 +230,9 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             logger.close()
 
     export_path = out / ckpt.BACKBONE
-    if world.is_main:
-        report_restoration(unwrap(model), cfg, corruption, info, img_size, out)
+    if held_out is not None:
+        report_restoration(unwrap(model), cfg, corruption, held_out, out)
+        save_grid(unwrap(model), corruption, cfg, held_out, info, out / "restorations" / "final.png")
         ckpt.export_backbone(
             export_path,
             unwrap(model).backbone,
@@ -237,23 +243,38 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     return export_path
 
 
-def report_restoration(
-    model: EnergyModel, cfg: PretrainConfig, corruption: Corruption, info: DataInfo, img_size: int, out: Path
-) -> None:
-    """Restoration error on held-out images (the test split where one exists), per task:
-    printed and saved as ``restoration.json``."""
+def load_held_out(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch.Tensor:
+    """Up to 512 images of the test split (the training split when there is none), for the
+    restoration report and the grids."""
     try:
         held_out = load_dataset(cfg.data, train=False)
     except UserError:
         held_out = load_dataset(cfg.data, train=True)
     transform = eval_transform(info, img_size)
-    count = min(len(held_out), RESTORATION_EVAL_IMAGES)
-    images = torch.stack([transform(held_out[i][0]) for i in range(count)]).to(next(model.parameters()).device)
+    return torch.stack([transform(held_out[i][0]) for i in range(min(len(held_out), RESTORATION_EVAL_IMAGES))])
+
+
+def report_restoration(
+    model: EnergyModel, cfg: PretrainConfig, corruption: Corruption, images: torch.Tensor, out: Path
+) -> None:
+    """Restoration error on held-out images, per task: printed and saved as ``restoration.json``."""
     report = evaluate_restoration(model, images, task_corruptions(corruption, cfg.task), cfg.steps, seed=cfg.seed)
-    (out / "restoration.json").write_text(json.dumps({"images": count, "tasks": report}, indent=2))
-    print(f"restoration MSE on {count} held-out images (corrupted -> restored after K={cfg.steps} steps):")
+    (out / "restoration.json").write_text(json.dumps({"images": len(images), "tasks": report}, indent=2))
+    print(f"restoration MSE on {len(images)} held-out images (corrupted -> restored after K={cfg.steps} steps):")
     for task, row in report.items():
         print(f"  {task:<18} {row['corrupted_mse']:.4f} -> {row['restored_mse']:.4f}")
+
+
+def save_grid(
+    model: EnergyModel, corruption: Corruption, cfg: PretrainConfig, images: torch.Tensor, info: DataInfo, path: Path
+) -> None:
+    """Corrupted / each step / original for the first held-out images, one block per task."""
+    clean = images[:GRID_IMAGES]
+    blocks = {}
+    for task, part in task_corruptions(corruption, cfg.task).items():
+        corrupted = part(clean, torch.Generator().manual_seed(cfg.seed))
+        blocks[task] = (corrupted, [x.detach() for x in model.restore(corrupted, cfg.steps)], clean)
+    save_restoration_grid(path, blocks, info.mean, info.std, title=path.stem)
 
 
 def _skip_batches(loader: DataLoader, sampler: DistributedSampler, skip_samples: int) -> DataLoader:

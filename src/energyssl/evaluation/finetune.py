@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from ..config import FinetuneConfig, save_yaml
 from ..data import DataInfo, TransformedDataset, eval_transform
-from ..distributed import World, resolve_device
+from ..distributed import World, amp_dtype_for, resolve_device, seed_everything
 from ..engine import cosine_lr
 from ..errors import UserError
 from ..metrics import MetricsLogger
-from ..pretrain import amp_dtype_for, seed_everything
 from .backbone import build_classifier
 from .common import load_eval_data, results_record
 from .results import evaluate_classifier, summary_line, write_results

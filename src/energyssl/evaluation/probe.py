@@ -22,10 +22,9 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write, read_metadata
 from ..config import ProbeConfig, save_yaml
 from ..data import TransformedDataset, eval_transform
-from ..distributed import World, resolve_device
+from ..distributed import World, resolve_device, seed_everything
 from ..engine import cosine_lr
 from ..errors import UserError
-from ..pretrain import seed_everything
 from .backbone import build_classifier
 from .common import load_eval_data, results_record
 from .results import accuracy_metrics, summary_line, write_results

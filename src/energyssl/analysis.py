@@ -1,0 +1,175 @@
+"""``restore``, ``energy`` and ``plot``: look at what a pretrained energy model learned."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from . import checkpoint as ckpt
+from .corruptions import Corruption, build_corruption, task_corruptions
+from .data import DataInfo, eval_transform, load_dataset
+from .energy import EnergyModel
+from .errors import UserError
+from .metrics import read_metrics
+from .models import create_backbone
+from .visualize import auroc, psnr, save_curves, save_energy_histogram, save_restoration_grid, to_pixels
+
+
+@dataclass
+class LoadedEnergyModel:
+    model: EnergyModel
+    img_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    task: str
+    steps: int
+
+
+def load_energy_model(init: str) -> LoadedEnergyModel:
+    """The whole energy model (backbone, head, alpha) of a pretraining run or checkpoint folder."""
+    folder = ckpt.find_checkpoint(Path(init).expanduser())
+    path = folder / ckpt.WEIGHTS
+    meta = ckpt.read_metadata(path)
+    missing = [k for k in ("model", "img_size", "in_chans", "mean", "std") if k not in meta]
+    if missing or meta.get("method") != "energy":
+        raise UserError(f"{path} is not an energy-model checkpoint (missing {', '.join(missing) or 'method=energy'})")
+    patch = None if meta.get("patch_size") in (None, "None") else int(meta["patch_size"])
+    img_size, in_chans = int(meta["img_size"]), int(meta["in_chans"])
+    backbone = create_backbone(meta["model"], img_size=img_size, in_chans=in_chans, patch_size=patch)
+    model = EnergyModel(backbone)
+    ckpt.load_weights(model, path)
+    model.eval()
+    mean, std = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
+    return LoadedEnergyModel(model, img_size, in_chans, mean, std, meta.get("task", "mixed"), int(meta.get("steps", 2)))
+
+
+def _info(loaded: LoadedEnergyModel) -> DataInfo:
+    return DataInfo(loaded.in_chans, loaded.img_size, loaded.mean, loaded.std, 0)
+
+
+def read_images(files: list[str], loaded: LoadedEnergyModel) -> torch.Tensor:
+    """User image files as a normalised batch of the model's size and channels."""
+    transform = eval_transform(_info(loaded), loaded.img_size)
+    mode = "L" if loaded.in_chans == 1 else "RGB"
+    batch = []
+    for name in files:
+        try:
+            with Image.open(name) as img:
+                batch.append(transform(img.convert(mode)))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot read image {name}: {exc}") from exc
+    return torch.stack(batch)
+
+
+def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int) -> torch.Tensor:
+    """The first ``count`` test images of a dataset, converted to the model's channels and size."""
+    try:
+        dataset = load_dataset(spec, train=False)
+    except UserError:
+        dataset = load_dataset(spec, train=True)
+    mode = "L" if loaded.in_chans == 1 else "RGB"
+    transform = transforms.Compose(
+        [transforms.Lambda(lambda img: img.convert(mode)), eval_transform(_info(loaded), loaded.img_size)]
+    )
+    return torch.stack([transform(dataset[i][0]) for i in range(min(count, len(dataset)))])
+
+
+def corruptions_for(task: str, loaded: LoadedEnergyModel) -> dict[str, Corruption]:
+    corruption = build_corruption(task, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
+    return task_corruptions(corruption, task)
+
+
+def restore(
+    init: str,
+    task: str,
+    out: Path,
+    images: list[str] | None,
+    data: str | None,
+    count: int,
+    steps: int | None,
+    seed: int,
+) -> dict:
+    """Corrupt (unless ``task`` is 'none') and restore images; save the grid and PSNRs."""
+    loaded = load_energy_model(init)
+    steps = steps or loaded.steps
+    clean = read_images(images, loaded) if images else dataset_images(data or "embedded", loaded, count)
+    corruptions = {"none": None} if task == "none" else corruptions_for(task, loaded)
+    blocks, report = {}, {}
+    for name, corruption in corruptions.items():
+        corrupted = clean if corruption is None else corruption(clean, torch.Generator().manual_seed(seed))
+        restored = [x.detach() for x in loaded.model.restore(corrupted, steps)]
+        original = None if corruption is None else clean
+        blocks[name] = (corrupted, restored, original)
+        if original is not None:
+            ref = to_pixels(original, loaded.mean, loaded.std)
+            report[name] = {
+                "psnr_corrupted": psnr(to_pixels(corrupted, loaded.mean, loaded.std), ref).mean().item(),
+                "psnr_restored": psnr(to_pixels(restored[-1], loaded.mean, loaded.std), ref).mean().item(),
+            }
+    grid = save_restoration_grid(out / "restoration.png", blocks, loaded.mean, loaded.std, title=f"K={steps} steps")
+    (out / "restoration.json").write_text(json.dumps({"images": len(clean), "steps": steps, "psnr": report}, indent=2))
+    print(f"saved {grid}")
+    for name, row in report.items():
+        print(f"  {name:<18} PSNR corrupted {row['psnr_corrupted']:.2f} dB -> restored {row['psnr_restored']:.2f} dB")
+    return report
+
+
+@torch.no_grad()
+def _energies(model: EnergyModel, x: torch.Tensor) -> np.ndarray:
+    return torch.cat([model.energy(chunk) for chunk in x.split(256)]).cpu().numpy()
+
+
+def energy_scores(
+    init: str, data: str, out: Path, compare: str | None, task: str | None, count: int, seed: int
+) -> dict:
+    """Energy histograms of real, corrupted and one-step-restored images (and a second dataset)."""
+    loaded = load_energy_model(init)
+    task = task or loaded.task
+    real = dataset_images(data, loaded, count)
+    corruption = build_corruption(task, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
+    corrupted = corruption(real, torch.Generator().manual_seed(seed))
+    restored = torch.cat([loaded.model.restore(c, 1)[0].detach() for c in corrupted.split(256)])
+    groups = {"real": _energies(loaded.model, real), f"corrupted ({task})": _energies(loaded.model, corrupted)}
+    groups["restored (1 step)"] = _energies(loaded.model, restored)
+    if compare:
+        groups[f"other: {compare}"] = _energies(loaded.model, dataset_images(compare, loaded, count))
+    stats = {
+        name: {"mean": float(e.mean()), "std": float(e.std()), "median": float(np.median(e)), "count": len(e)}
+        for name, e in groups.items()
+    }
+    names = list(groups)
+    report = {
+        "stats": stats,
+        "auroc_real_vs_corrupted": auroc(groups["real"], groups[names[1]]),
+        "auroc_real_vs_restored": auroc(groups["real"], groups[names[2]]),
+    }
+    if compare:
+        report["auroc_real_vs_other"] = auroc(groups["real"], groups[names[3]])
+    out.mkdir(parents=True, exist_ok=True)
+    save_energy_histogram(out / "energy.png", groups, title=f"{data}: energy of {count} images")
+    (out / "energy.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"AUROC real vs corrupted (higher energy = corrupted): {report['auroc_real_vs_corrupted']:.3f}; "
+        f"saved {out / 'energy.png'}"
+    )
+    return report
+
+
+def plot(runs: list[str], out: Path) -> Path:
+    """Loss, alpha and lr curves of one or more runs, overlaid."""
+    records = {}
+    for run in runs:
+        metrics = Path(run) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise UserError(f"no metrics.jsonl in {run}")
+        records[Path(run).resolve().name] = read_metrics(metrics)
+    path = save_curves(out, records)
+    print(f"saved {path}")
+    return path
