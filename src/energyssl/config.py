@@ -66,7 +66,9 @@ class CommonConfig:
 @dataclass
 class PretrainConfig(CommonConfig):
     task: str = _opt(
-        "mixed", "corruption: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize or mixed"
+        "mixed",
+        "pretext task: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize, mixed, "
+        "or sorting (ViT: restore shuffled position embeddings; also joins mixed via corruption.mixed.tasks)",
     )
     corruption: dict = _opt(
         {},

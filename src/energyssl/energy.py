@@ -25,11 +25,13 @@ DEFAULT_HEAD_STD = 1.0
 
 @dataclass
 class Restoration:
-    """Result of one restoration pass: the summed loss and every step (detached)."""
+    """Result of one restoration pass: the summed loss, every step (detached), and the loss of
+    the unrestored input for reference."""
 
     loss: Tensor
     step_losses: list[Tensor]
     steps: list[Tensor]
+    baseline: Tensor | None = None
 
 
 @contextmanager
@@ -98,19 +100,34 @@ class EnergyModel(nn.Module):
         """Energy of each image, shape (B,). Low energy means a likely image."""
         return _at_least_fp32(self.head(self.backbone(x)).squeeze(-1))
 
-    def energy_grad(self, x: Tensor, create_graph: bool = False, grad_scale: float = 1.0) -> Tensor:
-        """dE/dx at ``x`` (treated as a leaf). ``grad_scale`` follows PyTorch's AMP
-        gradient-penalty recipe for fp16: scale before ``autograd.grad``, unscale after."""
+    def energy_grad(
+        self,
+        x: Tensor,
+        create_graph: bool = False,
+        grad_scale: float = 1.0,
+        energy_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """dE/dx at ``x`` (treated as a leaf). ``energy_fn`` replaces ``self.energy`` when the
+        restored variable is not the image (patch sorting restores position embeddings).
+        ``grad_scale`` follows PyTorch's AMP gradient-penalty recipe for fp16: scale before
+        ``autograd.grad``, unscale after."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             # Fused attention kernels have no double backward; the math backend does.
             kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
             with kernel:
-                energy = self.energy(x)
+                energy = (energy_fn or self.energy)(x)
                 (grad,) = torch.autograd.grad(energy.sum() * grad_scale, x, create_graph=create_graph)
         return grad / grad_scale if grad_scale != 1.0 else grad
 
-    def restore(self, x0: Tensor, steps: int = 2, create_graph: bool = False, grad_scale: float = 1.0) -> list[Tensor]:
+    def restore(
+        self,
+        x0: Tensor,
+        steps: int = 2,
+        create_graph: bool = False,
+        grad_scale: float = 1.0,
+        energy_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> list[Tensor]:
         """K gradient steps down the energy, with a stop-gradient between steps."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -119,7 +136,7 @@ class EnergyModel(nn.Module):
         x = x0
         with norm_ctx:
             for _ in range(steps):
-                grad = self.energy_grad(x, create_graph=create_graph, grad_scale=grad_scale)
+                grad = self.energy_grad(x, create_graph=create_graph, grad_scale=grad_scale, energy_fn=energy_fn)
                 x = x.detach() - self.alpha * grad
                 if self.langevin_std > 0:
                     x = x + self.langevin_std * torch.randn_like(x)
@@ -134,7 +151,8 @@ class EnergyModel(nn.Module):
         create_graph = torch.is_grad_enabled()
         restored = self.restore(corrupted, steps, create_graph=create_graph, grad_scale=grad_scale)
         step_losses = [self.loss_fn(_at_least_fp32(x), _at_least_fp32(clean)) for x in restored]
-        return Restoration(torch.stack(step_losses).sum(), step_losses, [x.detach() for x in restored])
+        baseline = self.loss_fn(_at_least_fp32(corrupted), _at_least_fp32(clean)).detach()
+        return Restoration(torch.stack(step_losses).sum(), step_losses, [x.detach() for x in restored], baseline)
 
 
 def find_dead_parameters(model: EnergyModel, example: Tensor, steps: int = 1) -> list[str]:

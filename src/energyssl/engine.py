@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .corruptions import Corruption
 from .distributed import World, all_finite, mean_across
 from .energy import EnergyModel
+from .sorting import PatchSorting, restore_positions, sorting_accuracy
 
 
 class NonFiniteLoss(Exception):
@@ -39,13 +40,14 @@ def corruption_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + step)
 
 
-def unwrap(model: nn.Module) -> EnergyModel:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+def energy_model(objective: nn.Module) -> EnergyModel:
+    """The energy model inside a (possibly DDP-wrapped) pretext objective."""
+    module = objective.module if isinstance(objective, nn.parallel.DistributedDataParallel) else objective
+    return module.model  # type: ignore[return-value]
 
 
 def train_one_epoch(
-    model: nn.Module,
-    corruption: Corruption,
+    objective: nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     lr_at: Callable[[int], float],
@@ -64,8 +66,9 @@ def train_one_epoch(
     on_checkpoint: Callable[[], None] | None = None,
     save_every: int = 0,
 ) -> None:
-    """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps."""
-    model.train()
+    """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps.
+    ``objective`` is a :class:`PretextObjective`, possibly wrapped in DDP."""
+    objective.train()
     bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
     tick, seen = time.perf_counter(), 0
     for images, _ in bar:
@@ -75,11 +78,10 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = images.to(device, non_blocking=True)
-        corrupted = corruption(images, corruption_generator(seed, world.rank, state.step))
-
+        generator = corruption_generator(seed, world.rank, state.step)
         grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(images, corrupted, steps=steps, grad_scale=grad_scale)
+            out = objective(images, generator, steps=steps, grad_scale=grad_scale)
         if not all_finite(out.loss, world):
             raise NonFiniteLoss(f"loss is {out.loss.item()} at step {state.step}")
 
@@ -90,7 +92,7 @@ def train_one_epoch(
         else:
             out.loss.backward()
         if clip_grad is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            nn.utils.clip_grad_norm_(objective.parameters(), clip_grad)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -99,7 +101,7 @@ def train_one_epoch(
         state.step += 1
         seen += images.shape[0]
 
-        alpha = unwrap(model).alpha.item()
+        alpha = energy_model(objective).alpha.item()
         bar.set_postfix(loss=f"{out.loss.item():.4f}", alpha=f"{alpha:.3f}", lr=f"{lr:.2e}")
         if on_log is not None and state.step % log_every == 0:
             elapsed = time.perf_counter() - tick
@@ -107,7 +109,7 @@ def train_one_epoch(
                 "epoch": state.epoch,
                 "loss": mean_across(out.loss.item(), world),
                 **{f"loss_step{k + 1}": mean_across(v.item(), world) for k, v in enumerate(out.step_losses)},
-                "corrupted_mse": mean_across(torch.mean((corrupted - images) ** 2).item(), world),
+                "corrupted_loss": mean_across(out.baseline.item(), world),
                 "alpha": alpha,
                 "lr": lr,
                 "img_per_s": seen * world.size / elapsed,
@@ -128,9 +130,9 @@ def evaluate_restoration(
     batch_size: int = 128,
 ) -> dict[str, dict[str, float]]:
     """Mean squared error to the clean images of each corrupted input and of each restoration
-    step, per corruption: the restoration works where ``restored_mse`` < ``corrupted_mse``."""
+    step, per pixel corruption: the restoration works where ``restored_mse`` < ``corrupted_mse``."""
     model.eval()
-    report = {}
+    report: dict[str, dict[str, float]] = {}
     for name, corruption in corruptions.items():
         generator = torch.Generator().manual_seed(seed)
         sums = torch.zeros(steps + 1, dtype=torch.float64)
@@ -144,3 +146,23 @@ def evaluate_restoration(
         report[name] = {"corrupted_mse": mse[0], **{f"step{k}_mse": v for k, v in enumerate(mse[1:], 1)}}
         report[name]["restored_mse"] = mse[-1]
     return report
+
+
+def evaluate_sorting(
+    model: EnergyModel, sorting: PatchSorting, table: torch.Tensor, images: torch.Tensor, steps: int, seed: int = 0
+) -> dict[str, float]:
+    """Sorting accuracy on held-out images: share of patches whose embedding is nearest to their
+    true position's, for the shuffled input and after each step (no regularisers)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    table = table.to(images)
+    totals = torch.zeros(steps + 1, dtype=torch.float64)
+    for start in range(0, len(images), 128):
+        batch = images[start : start + 128]
+        shuffled = table[sorting.permutation(len(batch), table.shape[0], generator, batch.device)]
+        out = restore_positions(model, table, batch, shuffled, steps)
+        for k, positions in enumerate([shuffled, *out.steps]):
+            totals[k] += sorting_accuracy(positions, table) * len(batch)
+    acc = (totals / len(images)).tolist()
+    steps_accuracy = {f"step{k}_accuracy": v for k, v in enumerate(acc[1:], 1)}
+    return {"shuffled_accuracy": acc[0], **steps_accuracy, "sorted_accuracy": acc[-1]}

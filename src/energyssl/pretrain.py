@@ -1,4 +1,4 @@
-"""``energyssl pretrain``: build data, model and corruption from a config, train, checkpoint,
+"""``energyssl pretrain``: build data, model and pretext objective from a config, train, checkpoint,
 resume, and export the backbone as a timm state dict."""
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save_yaml
-from .corruptions import Corruption, build_corruption, task_corruptions
+from .corruptions import task_corruptions
 from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, pretrain_transform
 from .distributed import World, amp_dtype_for, cleanup, init_distributed, resolve_device, seed_everything
 from .energy import EnergyModel, freeze_dead_parameters
-from .engine import NonFiniteLoss, TrainState, cosine_lr, evaluate_restoration, train_one_epoch, unwrap
+from .engine import NonFiniteLoss, TrainState, cosine_lr, evaluate_restoration, evaluate_sorting, train_one_epoch
 from .errors import UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone
+from .objective import SORTING, PretextObjective, build_objective
 from .visualize import save_restoration_grid
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -105,7 +106,6 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             f"{len(train_set)} images cannot fill one batch of {cfg.batch_size} per process; lower --batch-size"
         )
 
-    corruption = build_corruption(cfg.task, cfg.corruption, in_chans=info.in_chans, mean=info.mean, std=info.std)
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
     model = EnergyModel(
         backbone,
@@ -114,6 +114,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         langevin_std=cfg.langevin_std,
         loss=cfg.loss,
     ).to(device)
+    objective = build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
     example = torch.stack([train_set[i][0] for i in range(2)]).to(device)
     dead = freeze_dead_parameters(model, example)
 
@@ -146,10 +147,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         if world.is_main:
             print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
 
-    ddp_model: nn.Module = model
+    trained: nn.Module = objective
     if world.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     logger, held_out = None, None
@@ -188,8 +189,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             if done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
                 epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size)
             train_one_epoch(
-                ddp_model,
-                corruption,
+                trained,
                 epoch_loader,
                 optimizer,
                 lr_at,
@@ -210,14 +210,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
                 state.epoch += 1
                 if held_out is not None and cfg.vis_every and state.epoch % cfg.vis_every == 0:
-                    save_grid(
-                        unwrap(model),
-                        corruption,
-                        cfg,
-                        held_out,
-                        info,
-                        out / "restorations" / f"epoch-{state.epoch:03d}.png",
-                    )
+                    save_grid(objective, cfg, held_out, info, out / "restorations" / f"epoch-{state.epoch:03d}.png")
             save()
     except NonFiniteLoss as exc:
         save()
@@ -231,11 +224,11 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
 
     export_path = out / ckpt.BACKBONE
     if held_out is not None:
-        report_restoration(unwrap(model), cfg, corruption, held_out, out)
-        save_grid(unwrap(model), corruption, cfg, held_out, info, out / "restorations" / "final.png")
+        report_restoration(objective, cfg, held_out, out)
+        save_grid(objective, cfg, held_out, info, out / "restorations" / "final.png")
         ckpt.export_backbone(
             export_path,
-            unwrap(model).backbone,
+            model.backbone,
             cfg.model,
             backbone_kwargs(cfg.model, img_size, info.in_chans, cfg.patch_size),
         )
@@ -254,26 +247,36 @@ def load_held_out(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch.T
     return torch.stack([transform(held_out[i][0]) for i in range(min(len(held_out), RESTORATION_EVAL_IMAGES))])
 
 
-def report_restoration(
-    model: EnergyModel, cfg: PretrainConfig, corruption: Corruption, images: torch.Tensor, out: Path
-) -> None:
-    """Restoration error on held-out images, per task: printed and saved as ``restoration.json``."""
-    report = evaluate_restoration(model, images, task_corruptions(corruption, cfg.task), cfg.steps, seed=cfg.seed)
+def report_restoration(objective: PretextObjective, cfg: PretrainConfig, images: torch.Tensor, out: Path) -> None:
+    """Restoration error (pixel tasks) and sorting accuracy on held-out images: printed and
+    saved as ``restoration.json``."""
+    model = objective.model
+    report: dict[str, dict[str, float]] = {}
+    if objective.corruption is not None:
+        corruptions = task_corruptions(objective.corruption, cfg.task)
+        report = evaluate_restoration(model, images, corruptions, cfg.steps, seed=cfg.seed)
+    if objective.sorting is not None and objective.table is not None:
+        report[SORTING] = evaluate_sorting(model, objective.sorting, objective.table, images, cfg.steps, cfg.seed)
     (out / "restoration.json").write_text(json.dumps({"images": len(images), "tasks": report}, indent=2))
-    print(f"restoration MSE on {len(images)} held-out images (corrupted -> restored after K={cfg.steps} steps):")
+    print(f"on {len(images)} held-out images, corrupted -> restored after K={cfg.steps} steps:")
     for task, row in report.items():
-        print(f"  {task:<18} {row['corrupted_mse']:.4f} -> {row['restored_mse']:.4f}")
+        if task == SORTING:
+            print(f"  {task:<18} accuracy {row['shuffled_accuracy']:.3f} -> {row['sorted_accuracy']:.3f}")
+        else:
+            print(f"  {task:<18} MSE {row['corrupted_mse']:.4f} -> {row['restored_mse']:.4f}")
 
 
 def save_grid(
-    model: EnergyModel, corruption: Corruption, cfg: PretrainConfig, images: torch.Tensor, info: DataInfo, path: Path
+    objective: PretextObjective, cfg: PretrainConfig, images: torch.Tensor, info: DataInfo, path: Path
 ) -> None:
-    """Corrupted / each step / original for the first held-out images, one block per task."""
+    """Corrupted / each step / original for the first held-out images, one block per pixel task."""
+    if objective.corruption is None:
+        return
     clean = images[:GRID_IMAGES]
     blocks = {}
-    for task, part in task_corruptions(corruption, cfg.task).items():
+    for task, part in task_corruptions(objective.corruption, cfg.task).items():
         corrupted = part(clean, torch.Generator().manual_seed(cfg.seed))
-        blocks[task] = (corrupted, [x.detach() for x in model.restore(corrupted, cfg.steps)], clean)
+        blocks[task] = (corrupted, [x.detach() for x in objective.model.restore(corrupted, cfg.steps)], clean)
     save_restoration_grid(path, blocks, info.mean, info.std, title=path.stem)
 
 

@@ -37,6 +37,14 @@ def _show(ax: plt.Axes, image: Tensor) -> None:
     ax.set_yticks([])
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_restoration_grid(
     path: Path,
     blocks: dict[str, tuple[Tensor, list[Tensor], Tensor | None]],
@@ -66,11 +74,7 @@ def save_restoration_grid(
         axes[r][0].set_ylabel(f"{task}\n#{i}" if i == 0 else f"#{i}", fontsize=8, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_energy_histogram(path: Path, groups: dict[str, np.ndarray], title: str = "") -> Path:
@@ -85,11 +89,7 @@ def save_energy_histogram(path: Path, groups: dict[str, np.ndarray], title: str 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_curves(path: Path, runs: dict[str, list[dict]], keys: Sequence[str] = ("loss", "alpha", "lr")) -> Path:
@@ -106,11 +106,7 @@ def save_curves(path: Path, runs: dict[str, list[dict]], keys: Sequence[str] = (
         if key == "loss":
             ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:

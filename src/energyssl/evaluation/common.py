@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..config import EvalConfig
+from ..config import EvalConfig, save_yaml
 from ..data import DataInfo, load_dataset
-from .backbone import Initialisation
+from ..distributed import World, resolve_device, seed_everything
+from .backbone import Initialisation, build_classifier
 from .results import balanced_subset, dataset_labels
 
 
@@ -41,26 +45,46 @@ def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
     return EvalData(Subset(train, subset.tolist()), test, info, cfg.img_size or info.img_size, subset)
 
 
-def results_record(
-    cfg: EvalConfig,
-    protocol: str,
-    model_name: str,
-    init: Initialisation,
-    metrics: dict[str, Any],
-    seconds: float,
-    labeled: int,
-) -> dict[str, Any]:
+@dataclass
+class EvalSetup:
+    """Everything a downstream command starts from."""
+
+    out: Path
+    device: torch.device
+    data: EvalData
+    model: nn.Module
+    model_name: str
+    init: Initialisation
+    started: float
+
+
+def prepare(cfg: EvalConfig, **model_args: Any) -> EvalSetup:
+    """Seed, load the labeled data, build the classifier from ``--init`` and save the config."""
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device, World())
+    seed_everything(cfg.seed)
+    data = load_eval_data(cfg, out)
+    model, name, init = build_classifier(
+        cfg.init, cfg.model, data.info.num_classes, data.info.in_chans, data.img_size, cfg.patch_size, **model_args
+    )
+    save_yaml(cfg, out / "config.yaml")
+    return EvalSetup(out, device, data, model.to(device), name, init, started)
+
+
+def results_record(cfg: EvalConfig, setup: EvalSetup, protocol: str, metrics: dict[str, Any], labeled: int) -> dict:
+    """The content of results.json."""
     return {
         "protocol": protocol,
-        "model": model_name,
+        "model": setup.model_name,
         "dataset": cfg.data,
         "label_fraction": cfg.label_fraction,
         "labeled_images": labeled,
         "seed": cfg.seed,
         "metrics": metrics,
-        "wall_time_s": seconds,
-        "checkpoint": init.path,
-        "checkpoint_sha256": init.sha256,
-        "loaded_tensors": init.loaded_tensors,
+        "wall_time_s": time.perf_counter() - setup.started,
+        "checkpoint": setup.init.path,
+        "checkpoint_sha256": setup.init.sha256,
+        "loaded_tensors": setup.init.loaded_tensors,
         "config": cfg.to_dict(),
     }

@@ -4,9 +4,7 @@ checkpoint or from scratch (``--init none``)."""
 
 from __future__ import annotations
 
-import time
 from functools import partial
-from pathlib import Path
 
 import torch
 from timm.data import Mixup
@@ -19,14 +17,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from ..config import FinetuneConfig, save_yaml
+from ..config import FinetuneConfig
 from ..data import DataInfo, TransformedDataset, eval_transform
-from ..distributed import World, amp_dtype_for, resolve_device, seed_everything
+from ..distributed import amp_dtype_for
 from ..engine import cosine_lr
 from ..errors import UserError
 from ..metrics import MetricsLogger
-from .backbone import build_classifier
-from .common import load_eval_data, results_record
+from .common import prepare, results_record
 from .results import evaluate_classifier, summary_line, write_results
 
 
@@ -62,22 +59,9 @@ def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> t
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    start = time.perf_counter()
-    out = Path(cfg.out)
-    device = resolve_device(cfg.device, World())
-    seed_everything(cfg.seed)
-    data = load_eval_data(cfg, out)
+    setup = prepare(cfg, drop_path_rate=cfg.drop_path)
+    device, data, model = setup.device, setup.data, setup.model
     num_classes = data.info.num_classes
-    model, name, init = build_classifier(
-        cfg.init,
-        cfg.model,
-        num_classes,
-        data.info.in_chans,
-        data.img_size,
-        cfg.patch_size,
-        drop_path_rate=cfg.drop_path,
-    )
-    model.to(device)
 
     batch = min(cfg.batch_size, len(data.train) // 2 * 2)
     if batch < 2:
@@ -117,11 +101,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     )
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     amp_dtype = amp_dtype_for(cfg.amp, device)
-    save_yaml(cfg, out / "config.yaml")
-    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    logger = MetricsLogger(setup.out, tensorboard=cfg.tensorboard)
     print(
-        f"fine-tuning {name} on {len(data.train)} labeled images of {cfg.data} ({cfg.label_fraction:g} of labels), "
-        f"init {init.path or 'random'}, lr {base_lr:.2e}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+        f"fine-tuning {setup.model_name} on {len(data.train)} labeled images of {cfg.data} "
+        f"({cfg.label_fraction:g} of labels), "
+        f"init {setup.init.path or 'random'}, lr {base_lr:.2e}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
     )
 
     step, best, metrics = 0, 0.0, {}
@@ -157,7 +141,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             break
     logger.close()
     metrics["top1_best"] = best
-    record = results_record(cfg, "finetune", name, init, metrics, time.perf_counter() - start, len(data.train))
-    write_results(out, record)
+    record = results_record(cfg, setup, "finetune", metrics, len(data.train))
+    write_results(setup.out, record)
     print(summary_line(record))
     return record

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -20,13 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write, read_metadata
-from ..config import ProbeConfig, save_yaml
+from ..config import ProbeConfig
 from ..data import TransformedDataset, eval_transform
-from ..distributed import World, resolve_device, seed_everything
 from ..engine import cosine_lr
 from ..errors import UserError
-from .backbone import build_classifier
-from .common import load_eval_data, results_record
+from .common import prepare, results_record
 from .results import accuracy_metrics, summary_line, write_results
 
 PROTOCOLS = ("linear", "mlp", "knn", "attentive")
@@ -147,30 +144,27 @@ def predict(head: nn.Module, x: Tensor, device: torch.device) -> Tensor:
 def probe(cfg: ProbeConfig) -> dict:
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{cfg.protocol}'; choose one of: {', '.join(PROTOCOLS)}")
-    start = time.perf_counter()
-    out = Path(cfg.out)
-    device = resolve_device(cfg.device, World())
-    seed_everything(cfg.seed)
-    data = load_eval_data(cfg, out)
+    setup = prepare(cfg)
+    device, data, model = setup.device, setup.data, setup.model
     classes = data.info.num_classes
-    model, name, init = build_classifier(
-        cfg.init, cfg.model, classes, data.info.in_chans, data.img_size, cfg.patch_size
-    )
-    model.to(device)
     tokens = cfg.protocol == "attentive"
     if tokens and patch_tokens(model, torch.zeros(1, data.info.in_chans, data.img_size, data.img_size)).shape[1] < 1:
-        raise UserError(f"{name} gives no patch tokens for the attentive probe")
+        raise UserError(f"{setup.model_name} gives no patch tokens for the attentive probe")
     transform = eval_transform(data.info, data.img_size)
     loaders = {
         split: DataLoader(TransformedDataset(ds, transform), batch_size=256, num_workers=cfg.num_workers)
         for split, ds in (("train", data.train), ("test", data.test))
     }
-    save_yaml(cfg, out / "config.yaml")
-    key = f"{init.sha256 or 'random'}:{name}:{cfg.data}:{cfg.label_fraction}:{cfg.seed}:{data.img_size}:{tokens}"
-    cache = out / ("tokens.safetensors" if tokens else "features.safetensors")
+    key = ":".join(
+        map(str, (setup.init.sha256, setup.model_name, cfg.data, cfg.label_fraction, cfg.seed, data.img_size, tokens))
+    )
+    cache = setup.out / ("tokens.safetensors" if tokens else "features.safetensors")
     feats = cached_features(model, loaders, device, tokens, cache, key)
     train_x, train_y, test_x, test_y = feats["train_x"], feats["train_y"], feats["test_x"], feats["test_y"]
-    print(f"{cfg.protocol} probe of {name} ({init.path or 'random init'}): {len(train_x)} train / {len(test_x)} test")
+    print(
+        f"{cfg.protocol} probe of {setup.model_name} ({setup.init.path or 'random init'}): "
+        f"{len(train_x)} train / {len(test_x)} test"
+    )
 
     if cfg.protocol == "knn":
         scores = knn_predict(train_x, train_y, test_x, cfg.knn_k, cfg.knn_temperature, classes)
@@ -178,7 +172,7 @@ def probe(cfg: ProbeConfig) -> dict:
         head = train_head(probe_head(cfg.protocol, train_x.shape[-1], classes), train_x, train_y, cfg, device)
         scores = predict(head, test_x, device)
     metrics = accuracy_metrics(scores, test_y)
-    record = results_record(cfg, cfg.protocol, name, init, metrics, time.perf_counter() - start, len(train_x))
-    write_results(out, record)
+    record = results_record(cfg, setup, cfg.protocol, metrics, len(train_x))
+    write_results(setup.out, record)
     print(summary_line(record))
     return record

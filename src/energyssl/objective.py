@@ -1,0 +1,104 @@
+"""The pretext objective of a training step: corrupt the batch (pixels, position embeddings or
+both, one task per image), restore it with the energy model, and return the loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .corruptions import Corruption, build_corruption
+from .energy import EnergyModel, Restoration
+from .errors import UserError
+from .sorting import PatchSorting, install_sincos, require_vit, sorting_restoration
+
+SORTING = "sorting"
+
+
+def split_sorting(task: str, params: dict[str, Any]) -> tuple[str | None, dict[str, Any], float]:
+    """(pixel task or None, its parameters, share of images given to patch sorting).
+
+    ``sorting`` alone, or ``mixed`` whose ``tasks`` list names ``sorting`` (it then gets its
+    weight's share of the images; the other tasks share the rest)."""
+    if task == SORTING:
+        return None, params, 1.0
+    mixed = params.get("mixed", {})
+    if task != "mixed" or SORTING not in mixed.get("tasks", []):
+        return task, params, 0.0
+    tasks = list(mixed["tasks"])
+    weights = list(mixed.get("weights") or [1.0] * len(tasks))
+    if len(weights) != len(tasks):
+        raise UserError(f"mixed: {len(weights)} weights for {len(tasks)} tasks")
+    index = tasks.index(SORTING)
+    share = weights[index] / sum(weights)
+    tasks.pop(index)
+    weights.pop(index)
+    if not tasks:
+        return None, params, 1.0
+    return "mixed", {**params, "mixed": {**mixed, "tasks": tasks, "weights": weights}}, share
+
+
+class PretextObjective(nn.Module):
+    """Wraps the energy model for training (and for DDP): ``forward(images, generator)``."""
+
+    def __init__(
+        self,
+        model: EnergyModel,
+        corruption: Corruption | None,
+        sorting: PatchSorting | None = None,
+        sorting_share: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model, self.corruption, self.sorting, self.sorting_share = model, corruption, sorting, sorting_share
+        self.table: Tensor | None = None
+        if sorting is not None:
+            self.table = install_sincos(require_vit(model.backbone), trainable=False)
+
+    def _pixels(self, images: Tensor, generator: torch.Generator | None, steps: int, grad_scale: float) -> Restoration:
+        assert self.corruption is not None
+        return self.model(images, self.corruption(images, generator), steps=steps, grad_scale=grad_scale)
+
+    def _sorting(self, images: Tensor, generator: torch.Generator | None, steps: int, grad_scale: float) -> Restoration:
+        assert self.sorting is not None and self.table is not None
+        table = self.table.to(images)
+        return sorting_restoration(self.model, self.sorting, table, images, generator, steps, grad_scale)
+
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None, steps: int = 2, grad_scale: float = 1.0
+    ) -> Restoration:
+        if self.sorting is None:
+            return self._pixels(images, generator, steps, grad_scale)
+        if self.corruption is None:
+            return self._sorting(images, generator, steps, grad_scale)
+        gen_device = generator.device if generator is not None else images.device
+        to_sort = torch.rand(len(images), generator=generator, device=gen_device).to(images.device) < self.sorting_share
+        parts = []
+        if (~to_sort).any():
+            parts.append((int((~to_sort).sum()), self._pixels(images[~to_sort], generator, steps, grad_scale)))
+        if to_sort.any():
+            parts.append((int(to_sort.sum()), self._sorting(images[to_sort], generator, steps, grad_scale)))
+        total = len(images)
+
+        def weighted(get) -> Tensor:
+            return sum(n / total * get(part) for n, part in parts)
+
+        step_losses = [weighted(lambda p, k=k: p.step_losses[k]) for k in range(steps)]
+        return Restoration(weighted(lambda p: p.loss), step_losses, [], weighted(lambda p: p.baseline))
+
+
+def build_objective(
+    model: EnergyModel, task: str, params: dict[str, Any], in_chans: int, mean, std
+) -> PretextObjective:
+    pixel_task, pixel_params, share = split_sorting(task, params)
+    corruption = None
+    if pixel_task is not None:
+        corruption = build_corruption(pixel_task, pixel_params, in_chans=in_chans, mean=mean, std=std)
+    sorting = None
+    if share > 0:
+        sorting_params = dict(params.get(SORTING, {}))
+        unknown = set(sorting_params) - set(PatchSorting.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"unknown parameter(s) for sorting: {', '.join(sorted(unknown))}")
+        sorting = PatchSorting(**sorting_params)
+    return PretextObjective(model, corruption, sorting, share)

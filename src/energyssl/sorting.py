@@ -1,0 +1,167 @@
+"""Patch sorting (ViT only): the image stays whole, the position embeddings are shuffled among
+its patches, and the energy restores them by gradient steps on the embedding,
+``p <- p - alpha * dE/dp``, with the loss ``sum_k ||p_k - p||^2``.
+
+Two regularisers keep the network from sorting by patch borders alone (paper, appendix A.2):
+the outermost 1 or 2 pixels (50% / 50%) of the patch-embedding kernel are zeroed in the
+forward pass, and half of the patch tokens are dropped before the transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from .energy import EnergyModel, Restoration
+from .errors import UserError
+
+Generator = torch.Generator | None
+
+
+def require_vit(backbone: nn.Module) -> VisionTransformer:
+    """The backbone as a ViT with an absolute position embedding, or a clear error."""
+    if not isinstance(backbone, VisionTransformer) or backbone.pos_embed is None or backbone.dynamic_img_size:
+        raise UserError(
+            f"patch sorting needs a ViT with a fixed absolute position embedding; {type(backbone).__name__} has none"
+        )
+    return backbone
+
+
+def sincos_table(vit: VisionTransformer) -> Tensor:
+    """2D sin-cos embedding of each patch position (as MoCo v3), shape (N, D)."""
+    return build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), dim=vit.embed_dim, temperature=10000.0)
+
+
+def install_sincos(vit: VisionTransformer, trainable: bool) -> Tensor:
+    """Write the sin-cos values into ``pos_embed`` (prefix tokens get zeros); fixed while sorting
+    is pretrained, trainable from the same values when fine-tuning. Returns the (N, D) table."""
+    table = sincos_table(vit).to(vit.pos_embed)
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        vit.pos_embed[0, prefix:] = table
+    vit.pos_embed.requires_grad_(trainable)
+    return table
+
+
+def _rand(shape: tuple[int, ...], generator: Generator, device: torch.device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+@dataclass
+class PatchSorting:
+    """Parameters of the sorting task (``--set corruption.sorting.KEY=V``)."""
+
+    shuffle_fraction: float = 1.0  # share of patches whose embeddings are permuted among themselves
+    edge_mask: bool = True
+    token_drop: float = 0.5
+
+    def permutation(self, batch: int, n: int, generator: Generator, device: torch.device) -> Tensor:
+        """(B, N): the index of the position embedding each patch receives; a permutation per image."""
+        moved = round(self.shuffle_fraction * n)
+        chosen = _rand((batch, n), generator, device).argsort(dim=1)[:, :moved]
+        shuffled = chosen.gather(1, _rand((batch, moved), generator, device).argsort(dim=1))
+        perm = torch.arange(n, device=device).repeat(batch, 1)
+        return perm.scatter(1, chosen, shuffled)
+
+    def kept_tokens(self, batch: int, n: int, generator: Generator, device: torch.device) -> Tensor | None:
+        """(B, n_keep) sorted indices of the patch tokens that enter the transformer."""
+        if self.token_drop <= 0:
+            return None
+        keep = max(1, round((1 - self.token_drop) * n))
+        return _rand((batch, n), generator, device).argsort(dim=1)[:, :keep].sort(dim=1).values
+
+    def edge_width(self, generator: Generator) -> int:
+        if not self.edge_mask:
+            return 0
+        return 1 if _rand((1,), generator, torch.device("cpu")).item() < 0.5 else 2
+
+
+def edge_masked_kernel(weight: Tensor, width: int) -> Tensor:
+    """The patch-embedding kernel with its outermost ``width`` pixels zeroed."""
+    if width <= 0:
+        return weight
+    mask = torch.zeros_like(weight)
+    mask[..., width:-width, width:-width] = 1
+    return weight * mask
+
+
+def energy_with_positions(
+    model: EnergyModel, images: Tensor, positions: Tensor, kept: Tensor | None = None, edge: int = 0
+) -> Tensor:
+    """E of ``images`` when patch i carries position embedding ``positions[:, i]`` (B, N, D)."""
+    vit = require_vit(model.backbone)
+    proj = vit.patch_embed.proj
+    tokens = F.conv2d(
+        images, edge_masked_kernel(proj.weight, edge), proj.bias, stride=proj.stride, padding=proj.padding
+    )
+    tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2)) + positions
+    if kept is not None:
+        tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    prefix = []
+    if vit.cls_token is not None:
+        prefix.append(vit.cls_token.expand(len(images), -1, -1))
+    if vit.reg_token is not None:
+        prefix.append(vit.reg_token.expand(len(images), -1, -1))
+    x = torch.cat([*prefix, tokens], dim=1)
+    x = vit.norm(vit.blocks(vit.norm_pre(x)))
+    return model.head(vit.forward_head(x, pre_logits=True)).squeeze(-1)
+
+
+def sorting_accuracy(positions: Tensor, table: Tensor, kept: Tensor | None = None) -> float:
+    """Share of patches whose embedding is nearest (L2) to the embedding of their true position."""
+    nearest = torch.cdist(positions.float(), table.float().expand(len(positions), -1, -1)).argmin(dim=-1)
+    correct = nearest == torch.arange(table.shape[0], device=positions.device)
+    if kept is not None:
+        correct = correct.gather(1, kept)
+    return correct.float().mean().item()
+
+
+def sorting_restoration(
+    model: EnergyModel,
+    sorting: PatchSorting,
+    table: Tensor,
+    images: Tensor,
+    generator: Generator,
+    steps: int,
+    grad_scale: float = 1.0,
+) -> Restoration:
+    """Shuffle the embeddings and restore them; the regularisers act only in training mode."""
+    batch, n = len(images), table.shape[0]
+    shuffled = table[sorting.permutation(batch, n, generator, images.device)]
+    kept = sorting.kept_tokens(batch, n, generator, images.device) if model.training else None
+    edge = sorting.edge_width(generator) if model.training else 0
+    return restore_positions(model, table, images, shuffled, steps, kept, edge, grad_scale)
+
+
+def restore_positions(
+    model: EnergyModel,
+    table: Tensor,
+    images: Tensor,
+    shuffled: Tensor,
+    steps: int,
+    kept: Tensor | None = None,
+    edge: int = 0,
+    grad_scale: float = 1.0,
+) -> Restoration:
+    """K gradient steps on the position embeddings; the loss counts the tokens the transformer saw."""
+
+    def energy_fn(positions: Tensor) -> Tensor:
+        return energy_with_positions(model, images, positions, kept, edge)
+
+    create_graph = torch.is_grad_enabled()
+    restored = model.restore(shuffled, steps, create_graph=create_graph, grad_scale=grad_scale, energy_fn=energy_fn)
+
+    def seen(x: Tensor) -> Tensor:
+        return x if kept is None else x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    target = table.expand(len(images), -1, -1)
+    step_losses = [F.mse_loss(seen(p), seen(target)) for p in restored]
+    baseline = F.mse_loss(seen(shuffled), seen(target)).detach()
+    return Restoration(torch.stack(step_losses).sum(), step_losses, [p.detach() for p in restored], baseline)
