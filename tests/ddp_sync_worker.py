@@ -6,18 +6,18 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import tiny_vit
-from energyssl.energy import freeze_dead_parameters
+from energyssl.objective import build_objective, freeze_unreached_parameters
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = tiny_vit()
-freeze_dead_parameters(model, torch.randn(2, 1, 14, 14))
-ddp = nn.parallel.DistributedDataParallel(model)
+objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
+freeze_unreached_parameters(objective, torch.randn(2, 1, 14, 14))
+ddp = nn.parallel.DistributedDataParallel(objective)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 torch.manual_seed(100 + rank)  # different data per rank
 for _ in range(3):
-    clean = torch.randn(4, 1, 14, 14)
-    loss = ddp(clean, clean * (torch.rand_like(clean) > 0.5)).loss
+    loss = ddp(torch.randn(4, 1, 14, 14), torch.Generator().manual_seed(rank)).loss
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_vit
 from energyssl import EnergyModel, create_backbone
-from energyssl.energy import find_dead_parameters
+from energyssl.objective import build_objective, freeze_unreached_parameters
 
 
 def _batch(dtype=torch.float64):
@@ -105,10 +105,12 @@ def test_batchnorm_energy_is_per_image():
     assert model.backbone.bn1.training, "BatchNorm must be back in train mode after restoring"
 
 
-def test_dead_parameters_are_found():
+def test_unreached_parameters_are_frozen():
     model = tiny_vit()
-    dead = find_dead_parameters(model, torch.randn(2, 1, 14, 14))
-    assert dead == ["backbone.norm.bias"]
+    objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
+    dead = freeze_unreached_parameters(objective, torch.randn(2, 1, 14, 14))
+    assert dead == ["model.backbone.norm.bias"]
+    assert not model.backbone.norm.bias.requires_grad and model.backbone.norm.weight.requires_grad
 
 
 def test_energy_shape_and_positive_alpha():

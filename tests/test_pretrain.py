@@ -162,7 +162,8 @@ def test_torchrun_two_processes(tmp_path):
 def test_ddp_keeps_ranks_in_sync_through_the_double_backward():
     worker = Path(__file__).parent / "ddp_sync_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", str(worker)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    path = os.pathsep.join(filter(None, [str(worker.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("in sync") == 2

@@ -68,7 +68,8 @@ def test_embedding_restoration_gradient_matches_finite_differences():
     restore_positions(model, table, images, shuffled, steps=1).loss.backward()
     assert param.grad.abs().max() > 0
     assert model.backbone.patch_embed.proj.weight.grad.abs().max() > 0
-    for index in [(0, 0), (5, 7), (40, 3)]:
+    largest = param.grad.abs().flatten().topk(3).indices  # entries well above finite-difference noise
+    for index in [tuple(int(i) for i in torch.unravel_index(flat, param.shape)) for flat in largest]:
         with torch.no_grad():
             original = param[index].item()
             param[index] = original + 1e-6

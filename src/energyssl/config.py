@@ -65,6 +65,10 @@ class CommonConfig:
 
 @dataclass
 class PretrainConfig(CommonConfig):
+    method: str = _opt("energy", "energy (the method), or a baseline in the same harness: mae, ae (AE + --task), cae")
+    method_options: dict = _opt(
+        {}, "options of a baseline, e.g. {mask_ratio: 0.75, decoder_depth: 2} (see energyssl.baselines)"
+    )
     task: str = _opt(
         "mixed",
         "pretext task: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize, mixed, "

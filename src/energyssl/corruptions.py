@@ -21,7 +21,7 @@ from .errors import UserError
 Generator = torch.Generator | None
 
 
-def _rand(shape: Sequence[int], generator: Generator, device: torch.device) -> Tensor:
+def uniform(shape: Sequence[int], generator: Generator, device: torch.device) -> Tensor:
     """Uniform [0, 1) numbers drawn on the generator's device, then moved (CPU generators work anywhere)."""
     gen_device = generator.device if generator is not None else device
     return torch.rand(tuple(shape), generator=generator, device=gen_device).to(device)
@@ -48,7 +48,7 @@ class GridMask(Corruption):
         """Boolean mask (B, 1, H, W), True where blanked."""
         rows, cols = math.ceil(height / self.cell), math.ceil(width / self.cell)
         n_masked = round(self.ratio * rows * cols)
-        order = _rand((batch, rows * cols), generator, device).argsort(dim=1)
+        order = uniform((batch, rows * cols), generator, device).argsort(dim=1)
         cells = torch.zeros(batch, rows * cols, dtype=torch.bool, device=device)
         cells.scatter_(1, order[:, :n_masked], True)
         cells = cells.view(batch, 1, rows, cols)
@@ -76,7 +76,7 @@ class BlockMask(Corruption):
     }
 
     def mask(self, batch: int, height: int, width: int, generator: Generator, device: torch.device) -> Tensor:
-        u = _rand((4, batch, self.count, 1, 1), generator, device)
+        u = uniform((4, batch, self.count, 1, 1), generator, device)
         area = (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]) * height * width
         log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
         aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
@@ -117,7 +117,7 @@ class Denoise(Corruption):
     gamma: tuple[float, float] = (0.1, 0.9)
 
     def __call__(self, x: Tensor, generator: Generator = None) -> Tensor:
-        g = self.gamma[0] + (self.gamma[1] - self.gamma[0]) * _rand((x.shape[0], 1, 1, 1), generator, x.device)
+        g = self.gamma[0] + (self.gamma[1] - self.gamma[0]) * uniform((x.shape[0], 1, 1, 1), generator, x.device)
         gen_device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
         return g.sqrt() * x + (1 - g).sqrt() * noise
@@ -163,7 +163,7 @@ class Mixed(Corruption):
         """Index of the corruption applied to each image."""
         weights = torch.tensor(self.weights or [1.0] * len(self.corruptions), dtype=torch.float)
         cumulative = (weights / weights.sum()).cumsum(0).to(device)
-        u = _rand((batch, 1), generator, device)
+        u = uniform((batch, 1), generator, device)
         return (u >= cumulative[:-1].view(1, -1)).sum(dim=1)
 
     def __call__(self, x: Tensor, generator: Generator = None) -> Tensor:

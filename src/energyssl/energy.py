@@ -153,23 +153,3 @@ class EnergyModel(nn.Module):
         step_losses = [self.loss_fn(_at_least_fp32(x), _at_least_fp32(clean)) for x in restored]
         baseline = self.loss_fn(_at_least_fp32(corrupted), _at_least_fp32(clean)).detach()
         return Restoration(torch.stack(step_losses).sum(), step_losses, [x.detach() for x in restored], baseline)
-
-
-def find_dead_parameters(model: EnergyModel, example: Tensor, steps: int = 1) -> list[str]:
-    """Names of parameters the restoration loss cannot reach (e.g. a final norm's bias,
-    which shifts E by a constant). They never get a gradient, which DDP rejects."""
-    model.zero_grad(set_to_none=True)
-    out = model(example, example + 0.1 * torch.randn_like(example), steps=steps)
-    out.loss.backward()
-    dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    model.zero_grad(set_to_none=True)
-    return dead
-
-
-def freeze_dead_parameters(model: EnergyModel, example: Tensor) -> list[str]:
-    """Stop training parameters without a gradient path; returns their names."""
-    dead = find_dead_parameters(model, example)
-    params = dict(model.named_parameters())
-    for name in dead:
-        params[name].requires_grad_(False)
-    return dead

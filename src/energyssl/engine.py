@@ -40,10 +40,11 @@ def corruption_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + step)
 
 
-def energy_model(objective: nn.Module) -> EnergyModel:
-    """The energy model inside a (possibly DDP-wrapped) pretext objective."""
+def step_size(objective: nn.Module) -> float | None:
+    """alpha of the energy model inside a (possibly DDP-wrapped) objective; None for baselines."""
     module = objective.module if isinstance(objective, nn.parallel.DistributedDataParallel) else objective
-    return module.model  # type: ignore[return-value]
+    model = getattr(module, "model", None)
+    return model.alpha.item() if isinstance(model, EnergyModel) else None
 
 
 def train_one_epoch(
@@ -101,16 +102,18 @@ def train_one_epoch(
         state.step += 1
         seen += images.shape[0]
 
-        alpha = energy_model(objective).alpha.item()
-        bar.set_postfix(loss=f"{out.loss.item():.4f}", alpha=f"{alpha:.3f}", lr=f"{lr:.2e}")
+        alpha = step_size(objective)
+        bar.set_postfix(
+            loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}", **({} if alpha is None else {"alpha": f"{alpha:.3f}"})
+        )
         if on_log is not None and state.step % log_every == 0:
             elapsed = time.perf_counter() - tick
             record = {
                 "epoch": state.epoch,
                 "loss": mean_across(out.loss.item(), world),
                 **{f"loss_step{k + 1}": mean_across(v.item(), world) for k, v in enumerate(out.step_losses)},
-                "corrupted_loss": mean_across(out.baseline.item(), world),
-                "alpha": alpha,
+                **({} if out.baseline is None else {"corrupted_loss": mean_across(out.baseline.item(), world)}),
+                **({} if alpha is None else {"alpha": alpha}),
                 "lr": lr,
                 "img_per_s": seen * world.size / elapsed,
             }

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .corruptions import Corruption, build_corruption
+from .corruptions import Corruption, build_corruption, uniform
 from .energy import EnergyModel, Restoration
 from .errors import UserError
 from .sorting import PatchSorting, install_sincos, require_vit, sorting_restoration
@@ -71,8 +71,7 @@ class PretextObjective(nn.Module):
             return self._pixels(images, generator, steps, grad_scale)
         if self.corruption is None:
             return self._sorting(images, generator, steps, grad_scale)
-        gen_device = generator.device if generator is not None else images.device
-        to_sort = torch.rand(len(images), generator=generator, device=gen_device).to(images.device) < self.sorting_share
+        to_sort = uniform((len(images),), generator, images.device) < self.sorting_share
         parts = []
         if (~to_sort).any():
             parts.append((int((~to_sort).sum()), self._pixels(images[~to_sort], generator, steps, grad_scale)))
@@ -102,3 +101,17 @@ def build_objective(
             raise UserError(f"unknown parameter(s) for sorting: {', '.join(sorted(unknown))}")
         sorting = PatchSorting(**sorting_params)
     return PretextObjective(model, corruption, sorting, share)
+
+
+def freeze_unreached_parameters(objective: nn.Module, example: Tensor) -> list[str]:
+    """Stop training the parameters one backward pass of the objective does not reach (e.g. a
+    final norm's bias, which shifts E by a constant so dE/dx ignores it): they could never
+    learn, and DDP rejects parameters without a gradient. Returns their names."""
+    objective.zero_grad(set_to_none=True)
+    objective(example, torch.Generator().manual_seed(0)).loss.backward()
+    dead = [name for name, p in objective.named_parameters() if p.requires_grad and p.grad is None]
+    params = dict(objective.named_parameters())
+    for name in dead:
+        params[name].requires_grad_(False)
+    objective.zero_grad(set_to_none=True)
+    return dead

@@ -13,16 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
+from .baselines import METHODS, build_baseline
 from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions
 from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, pretrain_transform
 from .distributed import World, amp_dtype_for, cleanup, init_distributed, resolve_device, seed_everything
-from .energy import EnergyModel, freeze_dead_parameters
+from .energy import EnergyModel
 from .engine import NonFiniteLoss, TrainState, cosine_lr, evaluate_restoration, evaluate_sorting, train_one_epoch
 from .errors import UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone
-from .objective import SORTING, PretextObjective, build_objective
+from .objective import SORTING, PretextObjective, build_objective, freeze_unreached_parameters
 from .visualize import save_restoration_grid
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -35,6 +36,7 @@ def validate(cfg: PretrainConfig) -> None:
     """Reject impossible values before any work starts."""
     checks = [
         (cfg.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got '{cfg.amp}'"),
+        (cfg.method in METHODS, f"method must be one of {METHODS}, got '{cfg.method}'"),
         (cfg.loss in LOSS_CHOICES, f"loss must be one of {LOSS_CHOICES}, got '{cfg.loss}'"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
@@ -58,6 +60,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_model(cfg: PretrainConfig, backbone: nn.Module, info: DataInfo) -> tuple[nn.Module, nn.Module]:
+    """(the module checkpointed, the objective trained): an energy model and its pretext
+    objective, or a baseline, which is both."""
+    if cfg.method == "energy":
+        model = EnergyModel(
+            backbone, alpha_init=cfg.alpha_init, head_init_std=cfg.head_init_std, langevin_std=cfg.langevin_std,
+            loss=cfg.loss,
+        )  # fmt: skip
+        return model, build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
+    baseline = build_baseline(
+        cfg.method, backbone, cfg.task, cfg.corruption, cfg.method_options, info.in_chans, info.mean, info.std
+    )
+    return baseline, baseline
+
+
 def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int) -> dict[str, str]:
     """What a checkpoint must agree on to be resumed or loaded into this model."""
     return {
@@ -65,7 +82,7 @@ def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int) -> dict[str,
         "img_size": str(img_size),
         "in_chans": str(in_chans),
         "patch_size": str(cfg.patch_size),
-        "method": "energy",
+        "method": cfg.method,
     }
 
 
@@ -107,16 +124,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         )
 
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
-    model = EnergyModel(
-        backbone,
-        alpha_init=cfg.alpha_init,
-        head_init_std=cfg.head_init_std,
-        langevin_std=cfg.langevin_std,
-        loss=cfg.loss,
-    ).to(device)
-    objective = build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
-    example = torch.stack([train_set[i][0] for i in range(2)]).to(device)
-    dead = freeze_dead_parameters(model, example)
+    model, objective = build_model(cfg, backbone, info)
+    model.to(device)
+    example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
+    dead = freeze_unreached_parameters(objective, example)
 
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
@@ -154,14 +165,17 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         )
 
     logger, held_out = None, None
-    if world.is_main:
+    # restoration reports and figures (energy method, main process)
+    figures = objective if isinstance(objective, PretextObjective) and world.is_main else None
+    if figures is not None:
         held_out = load_held_out(cfg, info, img_size).to(device)
+    if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
         logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
         print(
-            f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-            f"{len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps}, lr {base_lr:.2e}, "
+            f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
+            f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps}, lr {base_lr:.2e}, "
             f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, {world.size} process(es), {device}"
             + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
         )
@@ -209,8 +223,8 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             )
             if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
                 state.epoch += 1
-                if held_out is not None and cfg.vis_every and state.epoch % cfg.vis_every == 0:
-                    save_grid(objective, cfg, held_out, info, out / "restorations" / f"epoch-{state.epoch:03d}.png")
+                if figures is not None and held_out is not None and cfg.vis_every and state.epoch % cfg.vis_every == 0:
+                    save_grid(figures, cfg, held_out, info, out / "restorations" / f"epoch-{state.epoch:03d}.png")
             save()
     except NonFiniteLoss as exc:
         save()
@@ -223,9 +237,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             logger.close()
 
     export_path = out / ckpt.BACKBONE
-    if held_out is not None:
-        report_restoration(objective, cfg, held_out, out)
-        save_grid(objective, cfg, held_out, info, out / "restorations" / "final.png")
+    if figures is not None and held_out is not None:
+        report_restoration(figures, cfg, held_out, out)
+        save_grid(figures, cfg, held_out, info, out / "restorations" / "final.png")
+    if world.is_main:
         ckpt.export_backbone(
             export_path,
             model.backbone,

@@ -17,6 +17,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from .corruptions import uniform
 from .energy import EnergyModel, Restoration
 from .errors import UserError
 
@@ -49,11 +50,6 @@ def install_sincos(vit: VisionTransformer, trainable: bool) -> Tensor:
     return table
 
 
-def _rand(shape: tuple[int, ...], generator: Generator, device: torch.device) -> Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
-
-
 @dataclass
 class PatchSorting:
     """Parameters of the sorting task (``--set corruption.sorting.KEY=V``)."""
@@ -65,8 +61,8 @@ class PatchSorting:
     def permutation(self, batch: int, n: int, generator: Generator, device: torch.device) -> Tensor:
         """(B, N): the index of the position embedding each patch receives; a permutation per image."""
         moved = round(self.shuffle_fraction * n)
-        chosen = _rand((batch, n), generator, device).argsort(dim=1)[:, :moved]
-        shuffled = chosen.gather(1, _rand((batch, moved), generator, device).argsort(dim=1))
+        chosen = uniform((batch, n), generator, device).argsort(dim=1)[:, :moved]
+        shuffled = chosen.gather(1, uniform((batch, moved), generator, device).argsort(dim=1))
         perm = torch.arange(n, device=device).repeat(batch, 1)
         return perm.scatter(1, chosen, shuffled)
 
@@ -75,12 +71,12 @@ class PatchSorting:
         if self.token_drop <= 0:
             return None
         keep = max(1, round((1 - self.token_drop) * n))
-        return _rand((batch, n), generator, device).argsort(dim=1)[:, :keep].sort(dim=1).values
+        return uniform((batch, n), generator, device).argsort(dim=1)[:, :keep].sort(dim=1).values
 
     def edge_width(self, generator: Generator) -> int:
         if not self.edge_mask:
             return 0
-        return 1 if _rand((1,), generator, torch.device("cpu")).item() < 0.5 else 2
+        return 1 if uniform((1,), generator, torch.device("cpu")).item() < 0.5 else 2
 
 
 def edge_masked_kernel(weight: Tensor, width: int) -> Tensor:

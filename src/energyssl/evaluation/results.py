@@ -85,7 +85,7 @@ def report(paths: list[str]) -> str:
         try:
             r = json.loads(f.read_text())
             m = r["metrics"]
-            init = Path(r["checkpoint"]).parent.name if r.get("checkpoint") else "scratch"
+            init = Path(r["checkpoint"]).parent.name if r.get("checkpoint") else "random init"
             rows.append(
                 f"| {f.parent.name} | {r['protocol']} | {r['model']} | {init} | {r['dataset']} | "
                 f"{r['label_fraction']:g} | {r['seed']} | {m['top1']:.2f} | {_fmt(m.get('top1_best'))} | "

@@ -1,0 +1,70 @@
+"""The paper's "AE + task" baselines: an MAE-style encoder sees the whole corrupted image and a
+light decoder reconstructs the clean pixels. For sorting, the encoder has no position
+embedding (kept at zero, as the paper's baseline, so fine-tuning starts from zeros) and the
+decoder classifies each patch's position, with the same regularisers as energy sorting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..corruptions import build_corruption
+from ..energy import Restoration
+from ..sorting import PatchSorting, edge_masked_kernel
+from .common import LightDecoder, embed_patches, encode, gather, patchify, require_vit
+
+
+class AutoencoderTask(nn.Module):
+    def __init__(
+        self, backbone: nn.Module, task: str, params: dict[str, Any], in_chans: int, mean, std,
+        decoder_dim: int = 128, decoder_depth: int = 2,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.backbone = vit = require_vit(backbone, "ae")
+        self.sorting: PatchSorting | None = None
+        grid, patch = vit.patch_embed.grid_size, vit.patch_embed.patch_size[0]
+        if task == "sorting":
+            self.sorting = PatchSorting(**params.get("sorting", {}))
+            with torch.no_grad():
+                vit.pos_embed.zero_()
+            vit.pos_embed.requires_grad_(False)
+            out = grid[0] * grid[1]  # one class per position
+        else:
+            self.corruption = build_corruption(task, params, in_chans=in_chans, mean=mean, std=std)
+            out = patch * patch * in_chans
+        self.decoder = LightDecoder(
+            vit.embed_dim, grid, out, decoder_dim, decoder_depth, positions=self.sorting is None
+        )
+
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None, steps: int = 1, grad_scale: float = 1.0
+    ) -> Restoration:
+        vit = self.backbone
+        if self.sorting is None:
+            corrupted = self.corruption(images, generator)
+            prediction = self.decoder(encode(vit, embed_patches(vit, corrupted)))
+            target = patchify(images, vit.patch_embed.patch_size[0])
+            loss = F.mse_loss(prediction, target)
+            return Restoration(
+                loss, [loss], [], F.mse_loss(patchify(corrupted, vit.patch_embed.patch_size[0]), target).detach()
+            )
+        return self._sorting(images, generator)
+
+    def _sorting(self, images: Tensor, generator: torch.Generator | None) -> Restoration:
+        vit, sorting = self.backbone, self.sorting
+        assert sorting is not None
+        proj = vit.patch_embed.proj
+        edge = sorting.edge_width(generator) if self.training else 0
+        tokens = F.conv2d(images, edge_masked_kernel(proj.weight, edge), proj.bias, stride=proj.stride)
+        tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
+        n = tokens.shape[1]
+        positions = torch.arange(n, device=images.device).expand(len(images), -1)
+        kept = sorting.kept_tokens(len(images), n, generator, images.device) if self.training else None
+        if kept is not None:
+            tokens, positions = gather(tokens, kept), positions.gather(1, kept)
+        logits = self.decoder(encode(vit, tokens))
+        loss = F.cross_entropy(logits.flatten(0, 1), positions.flatten())
+        return Restoration(loss, [loss], [])

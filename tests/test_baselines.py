@@ -1,0 +1,82 @@
+"""MAE, AE + task and CAE: masks, learning on a fixed batch, export to a plain timm model."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from energyssl import create_backbone
+from energyssl.baselines import build_baseline
+from energyssl.baselines.common import blockwise_split, patchify, random_split
+from energyssl.cli import main
+from energyssl.errors import UserError
+
+
+def vit(patch=4):
+    torch.manual_seed(0)
+    return create_backbone("essl_vit_micro_patch7", img_size=28, in_chans=1, patch_size=patch)
+
+
+def test_random_masking_has_the_ratio_and_differs_per_image():
+    visible, masked = random_split(8, 49, 0.75, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert masked.shape == (8, 37) and visible.shape == (8, 12)
+    both = torch.cat([visible, masked], dim=1).sort(dim=1).values
+    assert torch.equal(both, torch.arange(49).expand(8, -1))
+    assert not torch.equal(masked[0], masked[1])
+
+
+def test_blockwise_masking_masks_contiguous_blocks():
+    visible, masked = blockwise_split(16, (7, 7), 0.4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert masked.shape == (16, 20) and visible.shape == (16, 29)
+    grid = torch.zeros(16, 49, dtype=torch.bool).scatter(1, masked, True).view(16, 7, 7)
+    # block-wise: masked patches mostly have a masked 4-neighbour (random masks rarely would)
+    padded = torch.nn.functional.pad(grid.float(), (1, 1, 1, 1))
+    neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    assert (neighbours[grid] > 0).float().mean() > 0.85
+
+
+def test_patchify_round_trips_patch_order():
+    images = torch.arange(2 * 16, dtype=torch.float).view(2, 1, 4, 4)
+    patches = patchify(images, 2)
+    assert patches.shape == (2, 4, 4)
+    assert patches[0, 1].tolist() == [2.0, 3.0, 6.0, 7.0]
+
+
+@pytest.mark.parametrize("method,task", [("mae", "mixed"), ("ae", "grid_mask"), ("ae", "sorting"), ("cae", "mixed")])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(method, task):
+    model = build_baseline(method, vit(), task, {}, {}, 1, (0.3,), (0.35,))
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(images, torch.Generator().manual_seed(0)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_baselines_need_a_vit():
+    with pytest.raises(UserError, match="needs a ViT"):
+        build_baseline("mae", create_backbone("essl_resnet_tiny", in_chans=1), "mixed", {}, {}, 1, (0.5,), (0.5,))
+    with pytest.raises(UserError, match="bad method option"):
+        build_baseline("mae", vit(), "mixed", {}, {"mask_raito": 0.5}, 1, (0.5,), (0.5,))
+
+
+@pytest.mark.parametrize("method", ["mae", "ae", "cae"])
+def test_pretrain_exports_an_encoder_that_fine_tunes_and_probes(tmp_path, method):
+    out = tmp_path / method
+    args = ["pretrain", "--method", method, "--task", "grid_mask", "--model", "essl_vit_micro_patch7"]
+    assert main([*args, "--max-steps", "3", "--batch-size", "16", "--no-tensorboard", "--out", str(out)]) == 0
+    meta_model = "essl_vit_micro_patch7"
+    exported = load_file(out / "backbone.safetensors")
+    assert not any(k.startswith(("decoder", "regressor", "mask_query")) for k in exported)
+    plain = timm.create_model(meta_model, num_classes=10, in_chans=1, img_size=28)
+    missing, unexpected = plain.load_state_dict(exported, strict=False)
+    assert set(missing) == {"head.weight", "head.bias"} and not unexpected
+    probe = tmp_path / f"{method}-probe"
+    assert main(["probe", "--protocol", "knn", "--init", str(out), "--out", str(probe)]) == 0
+    assert json.loads((probe / "results.json").read_text())["loaded_tensors"] == len(exported)
