@@ -1,7 +1,7 @@
 """Images per second of one training step of each method, on one backbone and
 batch, measured in one run (median of repeats) and as ratios to the supervised step.
 
-    python benchmarks/step_cost.py --model essl_vit_mini_patch7 --batch-size 64 --repeats 5 --out benchmarks/step_cost
+    python benchmarks/step_cost.py --model essl_vit_mini_patch7 --batch-size 64 --repeats 5
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--task", default="grid_mask", help="corruption of the energy and AE steps")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3, help="steps per repeat")
-    parser.add_argument("--out", default="benchmarks/step_cost")
+    parser.add_argument("--out", default="benchmarks/results/step_cost")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {}

@@ -37,8 +37,9 @@ def _show(ax: plt.Axes, image: Tensor) -> None:
     ax.set_yticks([])
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: Path, top_inches: float = 0.0) -> Path:
+    """Lay out (keeping ``top_inches`` free for a title), write a PNG, free the figure."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - top_inches / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -74,7 +75,7 @@ def save_restoration_grid(
         axes[r][0].set_ylabel(f"{task}\n#{i}" if i == 0 else f"#{i}", fontsize=8, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, top_inches=0.3 if title else 0.0)
 
 
 def save_energy_histogram(path: Path, groups: dict[str, np.ndarray], title: str = "") -> Path:
