@@ -192,7 +192,7 @@ def build_corruption(
     """
     params = params or {}
     if task not in TASKS:
-        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}, sorting (ViT)")
     if task == "mixed":
         mixed = dict(params.get("mixed", {}))
         default = [t for t in TASKS if t != "mixed" and (t != "colorize" or in_chans == 3)]
