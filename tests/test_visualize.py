@@ -71,6 +71,8 @@ def test_restore_errors_are_clear(trained, tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
     assert main(["restore", "--init", str(tmp_path), "--data", "embedded"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert main(["energy", "--init", str(trained), "--task", "sorting", "--out", str(tmp_path / "e")]) == 2
+    assert "not pixels" in capsys.readouterr().err
 
 
 def test_energy_histogram_and_auroc(trained, tmp_path):

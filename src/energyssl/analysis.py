@@ -81,9 +81,15 @@ def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int) -> torch.Te
     return torch.stack([transform(dataset[i][0]) for i in range(min(count, len(dataset)))])
 
 
+def pixel_corruption(task: str, loaded: LoadedEnergyModel) -> Corruption:
+    """The pixel corruption ``task`` for this model's data (sorting has no picture to show)."""
+    if task == "sorting":
+        raise UserError("sorting corrupts position embeddings, not pixels: pass --task grid_mask (or another)")
+    return build_corruption(task, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
+
+
 def corruptions_for(task: str, loaded: LoadedEnergyModel) -> dict[str, Corruption]:
-    corruption = build_corruption(task, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
-    return task_corruptions(corruption, task)
+    return task_corruptions(pixel_corruption(task, loaded), task)
 
 
 def restore(
@@ -133,8 +139,7 @@ def energy_scores(
     loaded = load_energy_model(init)
     task = task or loaded.task
     real = dataset_images(data, loaded, count)
-    corruption = build_corruption(task, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
-    corrupted = corruption(real, torch.Generator().manual_seed(seed))
+    corrupted = pixel_corruption(task, loaded)(real, torch.Generator().manual_seed(seed))
     restored = torch.cat([loaded.model.restore(c, 1)[0].detach() for c in corrupted.split(256)])
     groups = {"real": _energies(loaded.model, real), f"corrupted ({task})": _energies(loaded.model, corrupted)}
     groups["restored (1 step)"] = _energies(loaded.model, restored)

@@ -18,6 +18,12 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
 
+    def forget_after(self, step: int) -> None:
+        """Drop records logged after ``step``: a resumed run repeats the steps after its checkpoint."""
+        if self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def log(self, step: int, values: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")

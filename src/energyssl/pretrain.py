@@ -173,6 +173,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
         logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+        logger.forget_after(state.step)
         print(
             f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
             f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps}, lr {base_lr:.2e}, "
