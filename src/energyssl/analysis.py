@@ -13,8 +13,9 @@ from torchvision import transforms
 
 from . import checkpoint as ckpt
 from .corruptions import Corruption, build_corruption, task_corruptions
-from .data import DataInfo, eval_transform, load_dataset
+from .data import DataInfo, eval_transform, load_held_out
 from .energy import EnergyModel
+from .engine import restoration_blocks
 from .errors import UserError
 from .metrics import read_metrics
 from .models import create_backbone
@@ -70,10 +71,7 @@ def read_images(files: list[str], loaded: LoadedEnergyModel) -> torch.Tensor:
 
 def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int) -> torch.Tensor:
     """The first ``count`` test images of a dataset, converted to the model's channels and size."""
-    try:
-        dataset = load_dataset(spec, train=False)
-    except UserError:
-        dataset = load_dataset(spec, train=True)
+    dataset = load_held_out(spec)
     mode = "L" if loaded.in_chans == 1 else "RGB"
     transform = transforms.Compose(
         [transforms.Lambda(lambda img: img.convert(mode)), eval_transform(_info(loaded), loaded.img_size)]
@@ -106,13 +104,10 @@ def restore(
     loaded = load_energy_model(init)
     steps = steps or loaded.steps
     clean = read_images(images, loaded) if images else dataset_images(data or "embedded", loaded, count)
-    corruptions = {"none": None} if task == "none" else corruptions_for(task, loaded)
-    blocks, report = {}, {}
-    for name, corruption in corruptions.items():
-        corrupted = clean if corruption is None else corruption(clean, torch.Generator().manual_seed(seed))
-        restored = [x.detach() for x in loaded.model.restore(corrupted, steps)]
-        original = None if corruption is None else clean
-        blocks[name] = (corrupted, restored, original)
+    corruptions: dict[str, Corruption | None] = {"none": None} if task == "none" else corruptions_for(task, loaded)
+    blocks = restoration_blocks(loaded.model, corruptions, clean, steps, seed)
+    report = {}
+    for name, (corrupted, restored, original) in blocks.items():
         if original is not None:
             ref = to_pixels(original, loaded.mean, loaded.std)
             report[name] = {

@@ -76,6 +76,13 @@ def _config_commands() -> dict[str, tuple[type, Callable[[Any], None], str, str]
     }
 
 
+def _add_energy_model_options(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The options of the commands that load a pretrained energy model and corrupt images."""
+    parser.add_argument("--init", required=True, help="pretraining run folder or checkpoint folder")
+    parser.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
+    parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_arguments
 
@@ -92,15 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Corrupt (or, with --task none, take as given) images and restore them by gradient steps "
         "on the energy. Saves restoration.png and restoration.json (PSNR against the originals) in --out.",
     )
-    restore.add_argument("--init", required=True, help="pretraining run folder or checkpoint folder")
+    _add_energy_model_options(restore, "runs/restore")
     restore.add_argument("--task", default="mixed", help="corruption name, mixed (each task), or none (default: mixed)")
     source = restore.add_mutually_exclusive_group()
     source.add_argument("--images", nargs="+", help="image files to restore")
     source.add_argument("--data", help="dataset spec; its first --count test images (default: embedded)")
     restore.add_argument("--count", type=int, default=6, help="images taken from --data (default: 6)")
     restore.add_argument("--steps", type=int, help="restoration steps (default: the pretraining's K)")
-    restore.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
-    restore.add_argument("--out", default="runs/restore", help="output folder (default: runs/restore)")
 
     energy = commands.add_parser(
         "energy",
@@ -108,13 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Energy of real images, their corrupted versions and one-step restorations (and optionally "
         "a second dataset). Saves energy.png and energy.json with statistics and AUROCs in --out.",
     )
-    energy.add_argument("--init", required=True, help="pretraining run folder or checkpoint folder")
+    _add_energy_model_options(energy, "runs/energy")
     energy.add_argument("--data", default="embedded", help="dataset spec (default: embedded)")
     energy.add_argument("--compare", help="a second dataset spec, e.g. another domain")
     energy.add_argument("--task", help="corruption (default: the pretraining task)")
     energy.add_argument("--count", type=int, default=1000, help="images per group (default: 1000)")
-    energy.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
-    energy.add_argument("--out", default="runs/energy", help="output folder (default: runs/energy)")
 
     plot = commands.add_parser(
         "plot", help="loss, alpha and lr curves of runs", description="Plot metrics.jsonl curves."

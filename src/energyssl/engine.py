@@ -151,6 +151,19 @@ def evaluate_restoration(
     return report
 
 
+def restoration_blocks(
+    model: EnergyModel, corruptions: dict[str, Corruption | None], clean: torch.Tensor, steps: int, seed: int
+) -> dict[str, tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]]:
+    """(corrupted, each restoration step, original) per corruption, as the grids draw them; a
+    ``None`` corruption restores ``clean`` as given, with no original to compare."""
+    blocks = {}
+    for name, corruption in corruptions.items():
+        corrupted = clean if corruption is None else corruption(clean, torch.Generator().manual_seed(seed))
+        restored = [x.detach() for x in model.restore(corrupted, steps)]
+        blocks[name] = (corrupted, restored, None if corruption is None else clean)
+    return blocks
+
+
 def evaluate_sorting(
     model: EnergyModel, sorting: PatchSorting, table: torch.Tensor, images: torch.Tensor, steps: int, seed: int = 0
 ) -> dict[str, float]:
@@ -163,7 +176,8 @@ def evaluate_sorting(
     for start in range(0, len(images), 128):
         batch = images[start : start + 128]
         shuffled = table[sorting.permutation(len(batch), table.shape[0], generator, batch.device)]
-        out = restore_positions(model, table, batch, shuffled, steps)
+        with torch.no_grad():  # no graph of the parameters: the input gradient alone is needed
+            out = restore_positions(model, table, batch, shuffled, steps)
         for k, positions in enumerate([shuffled, *out.steps]):
             totals[k] += sorting_accuracy(positions, table) * len(batch)
     acc = (totals / len(images)).tolist()

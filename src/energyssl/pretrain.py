@@ -16,10 +16,18 @@ from . import checkpoint as ckpt
 from .baselines import METHODS, build_baseline
 from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions
-from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, pretrain_transform
+from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, load_held_out, pretrain_transform
 from .distributed import World, amp_dtype_for, cleanup, init_distributed, resolve_device, seed_everything
 from .energy import EnergyModel
-from .engine import NonFiniteLoss, TrainState, cosine_lr, evaluate_restoration, evaluate_sorting, train_one_epoch
+from .engine import (
+    NonFiniteLoss,
+    TrainState,
+    cosine_lr,
+    evaluate_restoration,
+    evaluate_sorting,
+    restoration_blocks,
+    train_one_epoch,
+)
 from .errors import UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone
@@ -168,7 +176,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     # restoration reports and figures (energy method, main process)
     figures = objective if isinstance(objective, PretextObjective) and world.is_main else None
     if figures is not None:
-        held_out = load_held_out(cfg, info, img_size).to(device)
+        held_out = held_out_images(cfg, info, img_size).to(device)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
@@ -252,13 +260,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     return export_path
 
 
-def load_held_out(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch.Tensor:
+def held_out_images(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch.Tensor:
     """Up to 512 images of the test split (the training split when there is none), for the
     restoration report and the grids."""
-    try:
-        held_out = load_dataset(cfg.data, train=False)
-    except UserError:
-        held_out = load_dataset(cfg.data, train=True)
+    held_out = load_held_out(cfg.data)
     transform = eval_transform(info, img_size)
     return torch.stack([transform(held_out[i][0]) for i in range(min(len(held_out), RESTORATION_EVAL_IMAGES))])
 
@@ -288,11 +293,8 @@ def save_grid(
     """Corrupted / each step / original for the first held-out images, one block per pixel task."""
     if objective.corruption is None:
         return
-    clean = images[:GRID_IMAGES]
-    blocks = {}
-    for task, part in task_corruptions(objective.corruption, cfg.task).items():
-        corrupted = part(clean, torch.Generator().manual_seed(cfg.seed))
-        blocks[task] = (corrupted, [x.detach() for x in objective.model.restore(corrupted, cfg.steps)], clean)
+    corruptions = task_corruptions(objective.corruption, cfg.task)
+    blocks = restoration_blocks(objective.model, corruptions, images[:GRID_IMAGES], cfg.steps, cfg.seed)
     save_restoration_grid(path, blocks, info.mean, info.std, title=path.stem)
 
 

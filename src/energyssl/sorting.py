@@ -88,16 +88,22 @@ def edge_masked_kernel(weight: Tensor, width: int) -> Tensor:
     return weight * mask
 
 
+def edge_masked_patch_tokens(vit: VisionTransformer, images: Tensor, edge: int) -> Tensor:
+    """The ViT's patch embedding (B, N, D), computed with the outermost ``edge`` pixels of its
+    kernel zeroed; no position embedding."""
+    proj = vit.patch_embed.proj
+    tokens = F.conv2d(
+        images, edge_masked_kernel(proj.weight, edge), proj.bias, stride=proj.stride, padding=proj.padding
+    )
+    return vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
+
+
 def energy_with_positions(
     model: EnergyModel, images: Tensor, positions: Tensor, kept: Tensor | None = None, edge: int = 0
 ) -> Tensor:
     """E of ``images`` when patch i carries position embedding ``positions[:, i]`` (B, N, D)."""
     vit = require_vit(model.backbone)
-    proj = vit.patch_embed.proj
-    tokens = F.conv2d(
-        images, edge_masked_kernel(proj.weight, edge), proj.bias, stride=proj.stride, padding=proj.padding
-    )
-    tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2)) + positions
+    tokens = edge_masked_patch_tokens(vit, images, edge) + positions
     if kept is not None:
         tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     prefix = []

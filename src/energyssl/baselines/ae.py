@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..corruptions import build_corruption
 from ..energy import Restoration
-from ..sorting import PatchSorting, edge_masked_kernel
+from ..sorting import PatchSorting, edge_masked_patch_tokens
 from .common import LightDecoder, embed_patches, encode, gather, patchify, require_vit
 
 
@@ -56,10 +56,8 @@ class AutoencoderTask(nn.Module):
     def _sorting(self, images: Tensor, generator: torch.Generator | None) -> Restoration:
         vit, sorting = self.backbone, self.sorting
         assert sorting is not None
-        proj = vit.patch_embed.proj
         edge = sorting.edge_width(generator) if self.training else 0
-        tokens = F.conv2d(images, edge_masked_kernel(proj.weight, edge), proj.bias, stride=proj.stride)
-        tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
+        tokens = edge_masked_patch_tokens(vit, images, edge)
         n = tokens.shape[1]
         positions = torch.arange(n, device=images.device).expand(len(images), -1)
         kept = sorting.kept_tokens(len(images), n, generator, images.device) if self.training else None

@@ -231,6 +231,14 @@ def load_dataset(spec: str, train: bool = True) -> ArrayDataset | ImageFolderDat
     return ImageFolderDataset(path)
 
 
+def load_held_out(spec: str) -> ArrayDataset | ImageFolderDataset:
+    """The test split of ``spec``, or its training split when it has none (reports, figures)."""
+    try:
+        return load_dataset(spec, train=False)
+    except UserError:
+        return load_dataset(spec, train=True)
+
+
 class TransformedDataset(Dataset):
     """Applies a transform to the images of another dataset, keeping labels."""
 
