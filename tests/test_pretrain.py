@@ -46,9 +46,11 @@ def test_pretrain_writes_checkpoint_metrics_config_and_a_timm_backbone(tmp_path,
     torch.testing.assert_close(model.patch_embed.proj.weight, energy_weights["backbone.patch_embed.proj.weight"])
 
 
-def test_short_pretraining_restores_better_than_the_corruption(tmp_path):
+@pytest.mark.parametrize("grad_mode", ["exact", "fast"])
+def test_short_pretraining_restores_better_than_the_corruption(tmp_path, grad_mode):
     out = tmp_path / "run"
     args = ["pretrain", *TINY, "--out", str(out), "--max-steps", "60", "--task", "grid_mask", "--log-every", "20"]
+    args += ["--grad-mode", grad_mode]
     assert main([*args, "--model", "essl_vit_mini_patch7", "--batch-size", "32", "--warmup-epochs", "0.1"]) == 0
     row = json.loads((out / "restoration.json").read_text())["tasks"]["grid_mask"]
     assert row["restored_mse"] < 0.9 * row["corrupted_mse"]
@@ -63,6 +65,10 @@ def test_short_pretraining_restores_better_than_the_corruption(tmp_path):
         (["--task", "colorize"], "3-channel"),
         (["--set", "bath_size=3"], "did you mean 'batch_size'"),
         (["--amp", "fp8"], "amp must be one of"),
+        (["--grad-mode", "fast", "--amp", "bf16"], "fast needs float32"),
+        (["--grad-mode", "fast", "--model", "essl_resnet_tiny"], "has MaxPool2d, ReLU"),
+        (["--grad-mode", "fast", "--method", "mae"], "energy method only"),
+        (["--time-budget", "0"], "time_budget must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message):
@@ -166,4 +172,15 @@ def test_ddp_keeps_ranks_in_sync_through_the_double_backward():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("in sync") == 2
+    assert result.stdout.count("in sync") == 4  # 2 ranks x (exact, fast)
+
+
+def test_time_budget_stops_the_run_and_decays_the_lr_within_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", *TINY, "--out", str(out), "--epochs", "50", "--warmup-epochs", "0", "--time-budget", "0.05"]
+    assert main([*args, "--task", "grid_mask", "--save-every", "0"]) == 0
+    state = load_training_state(find_checkpoint(out))
+    assert 3.0 <= state["elapsed"] < 10.0
+    assert 0 < state["step"] < 50 * 250  # far from the 50 epochs: the budget ended the run
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["lr"] < 0.2 * rows[0]["lr"]  # the cosine ran its course within the budget

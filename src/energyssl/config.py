@@ -80,6 +80,16 @@ class PretrainConfig(CommonConfig):
         "on the command line: --set corruption.grid_mask.ratio=0.5",
     )
     steps: int = _opt(2, "restoration steps K")
+    grad_mode: str = _opt(
+        "exact",
+        "parameter gradient of the energy objective: exact (double backward) or fast (finite difference of two "
+        "backward passes; float32, smooth backbones such as ViTs and ConvNeXts)",
+    )
+    time_budget: float | None = _opt(
+        None,
+        "stop after this many minutes of training steps; the lr schedule then follows the share of the budget "
+        "spent, shaped as if it were --epochs epochs (which still cap the run)",
+    )
     alpha_init: float = _opt(1.0, "initial step size alpha (learned, kept positive)")
     head_init_std: float = _opt(10.0, "energy head init: std * 1/sqrt(features); larger starts with a usable dE/dx")
     langevin_std: float = _opt(0.0, "std of Gaussian noise added at each restoration step (Langevin style)")

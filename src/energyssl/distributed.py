@@ -58,13 +58,20 @@ def all_finite(value: torch.Tensor, world: World) -> bool:
     return bool(flag.item() > 0)
 
 
+def _reduce_across(value: float, world: World, op: dist.ReduceOp.RedOpType) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
 def mean_across(value: float, world: World) -> float:
     """Average a Python number over processes (for logging)."""
-    if not world.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.item() / world.size
+    return _reduce_across(value, world, dist.ReduceOp.SUM) / world.size if world.distributed else value
+
+
+def max_across(value: float, world: World) -> float:
+    """The largest value over processes (so that all stop at the same step)."""
+    return _reduce_across(value, world, dist.ReduceOp.MAX) if world.distributed else value
 
 
 def cleanup(world: World) -> None:

@@ -3,15 +3,21 @@ gradient steps on the input, x <- x - alpha * dE/dx, and the loss is each step's
 distance to the clean input.
 
 The forward pass of the backbone is the encoder and its backward pass the decoder,
-so no decoder parameters exist. Parameters learn through dE/dx, which is why the
-input gradient is taken with ``create_graph=True`` (a mixed second derivative).
+so no decoder parameters exist. Parameters learn through dE/dx: the parameter gradient of
+the loss is a mixed second derivative of E. Two ways compute it (``grad_mode``):
+
+- ``exact``: the input gradient is taken with ``create_graph=True`` and the loss is
+  backpropagated through it (double backward; needs the math attention kernel).
+- ``fast``: d/dtheta [v . dE/dx] is the derivative of dE/dtheta along v, taken as a forward
+  finite difference of two ordinary backward passes; the first is the pass that gives dE/dx.
+  No double backward, any attention kernel, one activation graph alive at a time.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +27,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEFAULT_ALPHA = 1.0
 DEFAULT_HEAD_STD = 1.0
+GRAD_MODES = ("exact", "fast")
+# Fast mode's finite-difference step: the perturbation's RMS relative to the input's. The
+# forward difference errs by O(step) (curvature) plus O(float32 eps / step) (rounding); 1e-3
+# balances the two (see tests/test_energy.py and benchmarks/results/fast_mode_fidelity.md).
+FD_STEP = 1e-3
 
 
 @dataclass
@@ -56,6 +67,48 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+NON_SMOOTH_LAYERS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d,
+)  # fmt: skip
+
+
+def non_smooth_layers(module: nn.Module) -> list[str]:
+    """Kinked layers (ReLU, max-pool): their gradient jumps, so fast mode's finite difference of
+    gradients does not converge to the exact mixed derivative (which ignores the jumps)."""
+    return sorted({type(m).__name__ for m in module.modules() if isinstance(m, NON_SMOOTH_LAYERS)})
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.detach().float().pow(2).mean().sqrt()
+
+
+RandomState = tuple[Tensor, Tensor | None]
+
+
+def _random_state(device: torch.device) -> RandomState:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_random_state(state: RandomState, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextmanager
+def _replayed_randomness(state: RandomState, device: torch.device) -> Iterator[None]:
+    """Run a block with an earlier random state, then continue where we were: the second pass
+    of a finite difference draws the same dropout and drop-path masks as the first (a difference
+    of two different networks would be noise)."""
+    now = _random_state(device)
+    _set_random_state(state, device)
+    try:
+        yield
+    finally:
+        _set_random_state(now, device)
+
+
 class EnergyModel(nn.Module):
     """A backbone returning pooled features plus a one-output linear head, seen as an energy.
 
@@ -77,10 +130,14 @@ class EnergyModel(nn.Module):
         head_init_std: float = DEFAULT_HEAD_STD,
         langevin_std: float = 0.0,
         loss: str = "mse",
+        grad_mode: str = "exact",
     ) -> None:
         super().__init__()
         if alpha_init <= 0:
             raise ValueError(f"alpha_init must be positive, got {alpha_init}")
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got '{grad_mode}'")
+        self.grad_mode = grad_mode
         self.backbone = backbone
         num_features = num_features or getattr(backbone, "num_features", None)
         if not num_features:
@@ -131,25 +188,95 @@ class EnergyModel(nn.Module):
         """K gradient steps down the energy, with a stop-gradient between steps."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        norm_ctx = batchnorm_uses_running_stats(self.backbone) if self._has_batchnorm else nullcontext()
         restored = []
         x = x0
-        with norm_ctx:
+        with self._running_stats():
             for _ in range(steps):
                 grad = self.energy_grad(x, create_graph=create_graph, grad_scale=grad_scale, energy_fn=energy_fn)
-                x = x.detach() - self.alpha * grad
-                if self.langevin_std > 0:
-                    x = x + self.langevin_std * torch.randn_like(x)
+                x = self._step(x.detach(), grad, self.alpha)
                 restored.append(x)
         return restored
+
+    def _running_stats(self) -> AbstractContextManager:
+        return batchnorm_uses_running_stats(self.backbone) if self._has_batchnorm else nullcontext()
+
+    def _step(self, x: Tensor, grad: Tensor, alpha: Tensor) -> Tensor:
+        x = x - alpha * grad
+        return x + self.langevin_std * torch.randn_like(x) if self.langevin_std > 0 else x
+
+    def restoration(
+        self,
+        start: Tensor,
+        target_loss: Callable[[Tensor], Tensor],
+        steps: int = 2,
+        grad_scale: float = 1.0,
+        energy_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> Restoration:
+        """Restore ``start`` and score each step with ``target_loss``; with gradients enabled the
+        summed loss is differentiable in the parameters (by ``grad_mode``)."""
+        baseline = target_loss(start).detach()
+        if torch.is_grad_enabled() and self.grad_mode == "fast":
+            loss, step_losses, restored = self._fast_restoration(start, target_loss, steps, grad_scale, energy_fn)
+        else:
+            restored = self.restore(start, steps, torch.is_grad_enabled(), grad_scale, energy_fn)
+            step_losses = [target_loss(x) for x in restored]
+            loss = torch.stack(step_losses).sum()
+        return Restoration(loss, step_losses, [x.detach() for x in restored], baseline)
+
+    def _fast_restoration(
+        self,
+        start: Tensor,
+        target_loss: Callable[[Tensor], Tensor],
+        steps: int,
+        grad_scale: float,
+        energy_fn: Callable[[Tensor], Tensor] | None,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Step k's loss L_k(x_k - alpha g(x_k)) has parameter gradient -alpha d/dtheta [v . g]
+        with v = dL_k/dx_{k+1}, i.e. -alpha (dE/dtheta(x_k + eps v) - dE/dtheta(x_k)) / eps.
+        The parameter gradients are computed here and injected into the returned loss as
+        sum(p * grad) - its value, so one ordinary backward (under DDP too) applies them;
+        alpha's gradient flows through the step as usual."""
+        energy_fn = energy_fn or self.energy
+        params = [p for p in self.parameters() if p.requires_grad and p is not self.log_alpha]
+        alpha = self.alpha
+        totals: list[Tensor | None] = [None] * len(params)
+        step_losses, restored = [], []
+        x = start.detach()
+        with self._running_stats():
+            for _ in range(steps):
+                randomness = _random_state(x.device)
+                with torch.enable_grad():
+                    x.requires_grad_(True)
+                    grad_x, *at_x = torch.autograd.grad(
+                        energy_fn(x).sum() * grad_scale, [x, *params], allow_unused=True
+                    )
+                    x = x.detach()
+                    x_next = self._step(x, grad_x.detach() / grad_scale, alpha)
+                    step_loss = target_loss(x_next)
+                    (v,) = torch.autograd.grad(step_loss, x_next, retain_graph=True)
+                if _rms(v) > 0:
+                    eps = FD_STEP * torch.clamp(_rms(x), min=1e-3) / _rms(v)
+                    with _replayed_randomness(randomness, x.device), torch.enable_grad():
+                        shifted = energy_fn(x + eps * v)
+                        at_shifted = torch.autograd.grad(shifted.sum() * grad_scale, params, allow_unused=True)
+                    scale = -alpha.detach() / (eps * grad_scale)
+                    for i, (before, after) in enumerate(zip(at_x, at_shifted, strict=True)):
+                        if before is not None:
+                            change = (after - before) * scale
+                            totals[i] = change if totals[i] is None else totals[i] + change
+                step_losses.append(step_loss)
+                restored.append(x_next)
+                x = x_next.detach()
+        injected = torch.zeros((), device=start.device)
+        for p, total in zip(params, totals, strict=True):
+            if total is not None:
+                injected = injected + (p * total).sum()
+        return torch.stack(step_losses).sum() + (injected - injected.detach()), step_losses, restored
 
     def forward(self, clean: Tensor, corrupted: Tensor, steps: int = 2, grad_scale: float = 1.0) -> Restoration:
         """Restoration loss sum_k loss(x_k, clean); differentiable in the parameters."""
         if self._has_batchnorm and self.training:
             with torch.no_grad():
                 self.backbone(clean)  # update BatchNorm running statistics from clean images
-        create_graph = torch.is_grad_enabled()
-        restored = self.restore(corrupted, steps, create_graph=create_graph, grad_scale=grad_scale)
-        step_losses = [self.loss_fn(_at_least_fp32(x), _at_least_fp32(clean)) for x in restored]
-        baseline = self.loss_fn(_at_least_fp32(corrupted), _at_least_fp32(clean)).detach()
-        return Restoration(torch.stack(step_losses).sum(), step_losses, [x.detach() for x in restored], baseline)
+        target = _at_least_fp32(clean)
+        return self.restoration(corrupted, lambda x: self.loss_fn(_at_least_fp32(x), target), steps, grad_scale)

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .corruptions import Corruption
-from .distributed import World, all_finite, mean_across
+from .distributed import World, all_finite, max_across, mean_across
 from .energy import EnergyModel
 from .sorting import PatchSorting, restore_positions, sorting_accuracy
 
@@ -25,6 +25,7 @@ class NonFiniteLoss(Exception):
 class TrainState:
     step: int = 0
     epoch: int = 0
+    elapsed: float = 0.0  # seconds spent in training steps (data loading included), for time budgets
 
 
 def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -62,18 +63,21 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
     max_steps: int | None = None,
+    time_budget: float | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
     log_every: int = 10,
     on_checkpoint: Callable[[], None] | None = None,
     save_every: int = 0,
 ) -> None:
     """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps.
-    ``objective`` is a :class:`PretextObjective`, possibly wrapped in DDP."""
+    ``objective`` is a :class:`PretextObjective`, possibly wrapped in DDP. Stops early at
+    ``max_steps`` or when ``state.elapsed`` reaches ``time_budget`` seconds."""
     objective.train()
     bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
     tick, seen = time.perf_counter(), 0
+    step_start = tick
     for images, _ in bar:
-        if max_steps is not None and state.step >= max_steps:
+        if budget_spent(state, max_steps, time_budget):
             break
         lr = lr_at(state.step)
         for group in optimizer.param_groups:
@@ -101,6 +105,9 @@ def train_one_epoch(
             optimizer.step()
         state.step += 1
         seen += images.shape[0]
+        state.elapsed += time.perf_counter() - step_start
+        if time_budget is not None:  # every process must stop at the same step
+            state.elapsed = max_across(state.elapsed, world)
 
         alpha = step_size(objective)
         bar.set_postfix(
@@ -121,7 +128,14 @@ def train_one_epoch(
             tick, seen = time.perf_counter(), 0
         if on_checkpoint is not None and save_every and state.step % save_every == 0:
             on_checkpoint()
+        step_start = time.perf_counter()  # checkpoints do not count against the budget
     bar.close()
+
+
+def budget_spent(state: TrainState, max_steps: int | None, time_budget: float | None) -> bool:
+    return (max_steps is not None and state.step >= max_steps) or (
+        time_budget is not None and state.elapsed >= time_budget
+    )
 
 
 def evaluate_restoration(

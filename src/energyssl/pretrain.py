@@ -4,7 +4,6 @@ resume, and export the backbone as a timm state dict."""
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,11 @@ from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions
 from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, load_held_out, pretrain_transform
 from .distributed import World, amp_dtype_for, cleanup, init_distributed, resolve_device, seed_everything
-from .energy import EnergyModel
+from .energy import GRAD_MODES, EnergyModel, non_smooth_layers
 from .engine import (
     NonFiniteLoss,
     TrainState,
+    budget_spent,
     cosine_lr,
     evaluate_restoration,
     evaluate_sorting,
@@ -47,6 +47,10 @@ def validate(cfg: PretrainConfig) -> None:
         (cfg.method in METHODS, f"method must be one of {METHODS}, got '{cfg.method}'"),
         (cfg.loss in LOSS_CHOICES, f"loss must be one of {LOSS_CHOICES}, got '{cfg.loss}'"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}, got '{cfg.grad_mode}'"),
+        (cfg.grad_mode == "exact" or cfg.method == "energy", "grad_mode fast applies to the energy method only"),
+        (cfg.grad_mode == "exact" or cfg.amp in ("auto", "none"), "grad_mode fast needs float32: use --amp none"),
+        (cfg.time_budget is None or cfg.time_budget > 0, f"time_budget must be > 0 minutes, got {cfg.time_budget}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.alpha_init > 0, f"alpha_init must be > 0, got {cfg.alpha_init}"),
@@ -74,7 +78,7 @@ def build_model(cfg: PretrainConfig, backbone: nn.Module, info: DataInfo) -> tup
     if cfg.method == "energy":
         model = EnergyModel(
             backbone, alpha_init=cfg.alpha_init, head_init_std=cfg.head_init_std, langevin_std=cfg.langevin_std,
-            loss=cfg.loss,
+            loss=cfg.loss, grad_mode=cfg.grad_mode,
         )  # fmt: skip
         return model, build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
     baseline = build_baseline(
@@ -132,6 +136,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         )
 
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
+    if cfg.grad_mode == "fast" and (kinked := non_smooth_layers(backbone)):
+        raise UserError(
+            f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
+        )
     model, objective = build_model(cfg, backbone, info)
     model.to(device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
@@ -140,11 +148,17 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
-    amp_dtype = amp_dtype_for(cfg.amp, device)
+    amp_dtype = amp_dtype_for(cfg.amp, device) if cfg.grad_mode == "exact" else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     total_steps = cfg.epochs * steps_per_epoch  # --max-steps stops early; it never reshapes the schedule
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    lr_at = partial(cosine_lr, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=warmup, total_steps=total_steps)
+    time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
+    state = TrainState()
+
+    def lr_at(step: int) -> float:
+        if time_budget is not None:  # the schedule's position is the share of the budget spent
+            step = min(total_steps, int(state.elapsed / time_budget * total_steps))
+        return cosine_lr(step, base_lr, cfg.min_lr, warmup, total_steps)
 
     metadata = run_metadata(cfg, img_size, info.in_chans)
     # what tools reading the checkpoint later need (restore, energy): not checked on resume
@@ -154,7 +168,6 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         "task": cfg.task,
         "steps": str(cfg.steps),
     }
-    state = TrainState()
     if cfg.resume:
         folder = ckpt.find_checkpoint(out if cfg.resume == "auto" else Path(cfg.resume))
         ckpt.load_weights(model, folder / ckpt.WEIGHTS, expect=metadata)
@@ -162,7 +175,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        state = TrainState(step=saved["step"], epoch=saved["epoch"])
+        state.step, state.epoch, state.elapsed = saved["step"], saved["epoch"], saved.get("elapsed", 0.0)
         if world.is_main:
             print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
 
@@ -184,8 +197,11 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         logger.forget_after(state.step)
         print(
             f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
-            f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps}, lr {base_lr:.2e}, "
-            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, {world.size} process(es), {device}"
+            f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps} "
+            f"({cfg.grad_mode} gradient), lr {base_lr:.2e}, "
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+            + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
+            + f", {world.size} process(es), {device}"
             + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
         )
 
@@ -194,6 +210,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             training_state = {
                 "step": state.step,
                 "epoch": state.epoch,
+                "elapsed": state.elapsed,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "config": json.dumps(cfg.to_dict()),
@@ -205,7 +222,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             logger.log(state.step, record)
 
     try:
-        while state.epoch < cfg.epochs and (cfg.max_steps is None or state.step < cfg.max_steps):
+        while state.epoch < cfg.epochs and not budget_spent(state, cfg.max_steps, time_budget):
             sampler.set_epoch(state.epoch)
             done_in_epoch = state.step - state.epoch * steps_per_epoch
             epoch_loader = loader
@@ -225,6 +242,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
                 scaler=scaler,
                 clip_grad=cfg.clip_grad,
                 max_steps=cfg.max_steps,
+                time_budget=time_budget,
                 on_log=log,
                 log_every=cfg.log_every,
                 on_checkpoint=save,
@@ -256,7 +274,8 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             cfg.model,
             backbone_kwargs(cfg.model, img_size, info.in_chans, cfg.patch_size),
         )
-        print(f"done at step {state.step}; backbone exported to {export_path}")
+        seen = state.step * total_batch
+        print(f"done at step {state.step} ({seen} images, {state.elapsed:.0f} s); backbone exported to {export_path}")
     return export_path
 
 

@@ -157,13 +157,12 @@ def restore_positions(
     def energy_fn(positions: Tensor) -> Tensor:
         return energy_with_positions(model, images, positions, kept, edge)
 
-    create_graph = torch.is_grad_enabled()
-    restored = model.restore(shuffled, steps, create_graph=create_graph, grad_scale=grad_scale, energy_fn=energy_fn)
+    target = table.expand(len(images), -1, -1)
 
     def seen(x: Tensor) -> Tensor:
         return x if kept is None else x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-    target = table.expand(len(images), -1, -1)
-    step_losses = [F.mse_loss(seen(p), seen(target)) for p in restored]
-    baseline = F.mse_loss(seen(shuffled), seen(target)).detach()
-    return Restoration(torch.stack(step_losses).sum(), step_losses, [p.detach() for p in restored], baseline)
+    def target_loss(positions: Tensor) -> Tensor:
+        return F.mse_loss(seen(positions), seen(target))
+
+    return model.restoration(shuffled, target_loss, steps, grad_scale, energy_fn)
