@@ -1,5 +1,8 @@
-"""Images per second of one training step of each method, on one backbone and
+"""Images per second and peak memory of one training step of each method, on one backbone and
 batch, measured in one run (median of repeats) and as ratios to the supervised step.
+
+Each method runs in its own process, so its peak memory is its own: on CPU the growth of the
+peak resident set over the process's size before the first step, on CUDA the peak allocated.
 
     python benchmarks/step_cost.py --model essl_vit_mini_patch7 --batch-size 64 --repeats 5
 """
@@ -8,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -21,53 +26,73 @@ from energyssl.baselines import build_baseline
 from energyssl.objective import build_objective, freeze_unreached_parameters
 
 MEAN, STD = (0.286,), (0.353,)
+METHODS = (
+    "supervised",
+    "energy K=1 exact",
+    "energy K=2 exact",
+    "energy K=1 fast",
+    "energy K=2 fast",
+    "mae",
+    "ae",
+    "cae",
+)
 
 
-def step_fns(model_name: str, batch: int, task: str) -> dict[str, Callable[[], torch.Tensor]]:
-    """One closure per method, each running forward + backward + AdamW step on a fixed batch."""
-    images = torch.randn(batch, 1, 28, 28)
-    labels = torch.randint(0, 10, (batch,))
-    fns: dict[str, Callable[[], torch.Tensor]] = {}
+def build_step(method: str, model_name: str, batch: int, task: str, device: str) -> Callable[[], None]:
+    """A closure running forward + backward + AdamW step of ``method`` on a fixed batch."""
+    images = torch.randn(batch, 1, 28, 28, device=device)
+    backbone = create_backbone(model_name, img_size=28, in_chans=1).to(device)
+    generator = torch.Generator().manual_seed(0)
+    if method == "supervised":
+        backbone.reset_classifier(10)
+        labels = torch.randint(0, 10, (batch,), device=device)
+        module, loss_fn = backbone, lambda: F.cross_entropy(backbone(images), labels)
+    elif method.startswith("energy"):
+        _, k, grad_mode = method.split()
+        model = EnergyModel(backbone, grad_mode=grad_mode).to(device)
+        module = build_objective(model, task, {}, 1, MEAN, STD)
+        freeze_unreached_parameters(module, images[:4])
+        loss_fn = lambda: module(images, generator, steps=int(k[2:])).loss  # noqa: E731
+    else:
+        module = build_baseline(method, backbone, task, {}, {}, 1, MEAN, STD).to(device)
+        loss_fn = lambda: module(images, generator).loss  # noqa: E731
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
-    def trainer(module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    def step() -> None:
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
-        def step() -> torch.Tensor:
-            loss = loss_fn()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss
-
-        return step
-
-    classifier = create_backbone(model_name, img_size=28, in_chans=1)
-    classifier.reset_classifier(10)
-    fns["supervised"] = trainer(classifier, lambda: F.cross_entropy(classifier(images), labels))
-    for k in (1, 2):
-        model = EnergyModel(create_backbone(model_name, img_size=28, in_chans=1))
-        objective = build_objective(model, task, {}, 1, MEAN, STD)
-        freeze_unreached_parameters(objective, images[:4])
-        fns[f"energy K={k}"] = trainer(
-            objective, lambda o=objective, k=k: o(images, torch.Generator().manual_seed(0), steps=k).loss
-        )
-    for method in ("mae", "ae", "cae"):
-        baseline = build_baseline(
-            method, create_backbone(model_name, img_size=28, in_chans=1), task, {}, {}, 1, MEAN, STD
-        )
-        fns[method] = trainer(baseline, lambda b=baseline: b(images, torch.Generator().manual_seed(0)).loss)
-    return fns
+    return step
 
 
-def measure(fn: Callable[[], torch.Tensor], batch: int, repeats: int, iters: int) -> dict[str, float]:
-    fn()  # warm-up
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run in a fresh process: images/s (median over repeats) and peak memory of ``method``."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    step = build_step(method, args.model, args.batch_size, args.task, args.device)
+    before = _resident_mb()
+    step()  # warm-up
     rates = []
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        rates.append(batch * iters / (time.perf_counter() - start))
-    return {"img_per_s": statistics.median(rates), "spread": (max(rates) - min(rates)) / statistics.median(rates)}
+        for _ in range(args.iters):
+            step()
+        rates.append(args.batch_size * args.iters / (time.perf_counter() - start))
+    if args.device == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    else:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    median = statistics.median(rates)
+    return {"img_per_s": median, "spread": (max(rates) - min(rates)) / median, "peak_mb": peak}
 
 
 def main() -> None:
@@ -75,25 +100,46 @@ def main() -> None:
     parser.add_argument("--model", default="essl_vit_mini_patch7")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--task", default="grid_mask", help="corruption of the energy and AE steps")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3, help="steps per repeat")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/step_cost")
     args = parser.parse_args()
-    torch.manual_seed(0)
+    if "supervised" not in args.methods:
+        parser.error("--methods must include supervised (the ratios' reference)")
     results = {}
-    for name, fn in step_fns(args.model, args.batch_size, args.task).items():
-        results[name] = measure(fn, args.batch_size, args.repeats, args.iters)
-        print(f"{name:<12} {results[name]['img_per_s']:8.1f} img/s", flush=True)
-    base = results["supervised"]["img_per_s"]
-    rows = ["| step | img/s | cost vs supervised (x) | spread of repeats |", "|---|---|---|---|"]
+    context = multiprocessing.get_context("spawn")
+    for method in args.methods:
+        with context.Pool(1) as pool:
+            r = results[method] = pool.apply(measure, (method, args))
+        print(f"{method:<18} {r['img_per_s']:8.1f} img/s {r['peak_mb']:8.0f} MB", flush=True)
+    base = results["supervised"]
+    rows = [
+        "| step | img/s | cost vs supervised | peak memory (MB) | memory vs supervised | spread of repeats |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        r["cost_ratio"] = base / r["img_per_s"]
-        rows.append(f"| {name} | {r['img_per_s']:.1f} | {r['cost_ratio']:.2f} | {100 * r['spread']:.0f}% |")
+        r["cost_ratio"] = base["img_per_s"] / r["img_per_s"]
+        r["memory_ratio"] = r["peak_mb"] / max(base["peak_mb"], 1e-9)
+        rows.append(
+            f"| {name} | {r['img_per_s']:.1f} | {r['cost_ratio']:.2f}x | {r['peak_mb']:.0f} | "
+            f"{r['memory_ratio']:.2f}x | {100 * r['spread']:.0f}% |"
+        )
+    for k in (1, 2):
+        exact, fast = results.get(f"energy K={k} exact"), results.get(f"energy K={k} fast")
+        if exact and fast:
+            rows.append(
+                f"\nK={k}: fast mode is {fast['img_per_s'] / exact['img_per_s']:.2f}x faster than exact and "
+                f"holds {fast['peak_mb'] / exact['peak_mb']:.2f}x its peak memory."
+            )
+    meta = {k: getattr(args, k) for k in ("model", "batch_size", "task", "threads", "device", "repeats", "iters")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "batch_size": args.batch_size, "task": args.task, "threads": torch.get_num_threads()}
     out.with_suffix(".json").write_text(json.dumps({"setup": meta, "results": results}, indent=2))
-    table = f"{args.model}, batch {args.batch_size}, task {args.task}, {meta['threads']} threads\n\n" + "\n".join(rows)
+    header = f"{args.model}, batch {args.batch_size}, task {args.task}, {args.threads} threads, {args.device}"
+    table = f"{header}, median of {args.repeats} repeats of {args.iters} steps\n\n" + "\n".join(rows)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
 

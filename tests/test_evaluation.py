@@ -12,6 +12,7 @@ from energyssl.cli import main
 from energyssl.evaluation.backbone import build_classifier
 from energyssl.evaluation.probe import knn_predict
 from energyssl.evaluation.results import balanced_subset
+from energyssl.metrics import read_metrics
 
 MICRO = ["--model", "essl_vit_micro_patch7", "--no-tensorboard"]
 
@@ -67,7 +68,13 @@ def test_finetune_from_pretrained_and_from_scratch(pretrained, tmp_path):
     ]
     for init in (str(pretrained), "none"):
         out = tmp_path / ("pre" if init != "none" else "scratch")
-        assert main(["finetune", "--init", init, "--out", str(out), *common, "--blr", "1e-2"]) == 0
+        every = 4 if init == "none" else 1
+        assert (
+            main(["finetune", "--init", init, "--out", str(out), *common, "--blr", "1e-2", "--eval-every", str(every)])
+            == 0
+        )
+        evaluated = [row["epoch"] for row in read_metrics(out / "metrics.jsonl") if "test_top1" in row]
+        assert evaluated == ([3, 5] if every == 4 else list(range(6)))  # every N epochs, and the last
         r = _results(out)
         assert (
             r["metrics"]["top1"] > 30.0 and "top5" in r["metrics"] and r["metrics"]["top1_best"] >= r["metrics"]["top1"]

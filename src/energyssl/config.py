@@ -125,6 +125,7 @@ class FinetuneConfig(EvalConfig):
     randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
     crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
+    eval_every: int = _opt(1, "evaluate on the test set every N epochs (and always after the last)")
     out: str = _opt("runs/finetune", "output folder: results.json, metrics.jsonl, config.yaml")
 
 

@@ -59,6 +59,8 @@ def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> t
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    if cfg.eval_every < 1 or cfg.epochs < 1:
+        raise UserError(f"epochs and eval_every must be >= 1, got {cfg.epochs} and {cfg.eval_every}")
     setup = prepare(cfg, drop_path_rate=cfg.drop_path)
     device, data, model = setup.device, setup.data, setup.model
     num_classes = data.info.num_classes
@@ -131,13 +133,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
             step += 1
             if step % cfg.log_every == 0:
                 logger.log(step, {"epoch": epoch, "loss": loss.item(), "lr": lr_at(step - 1)})
-        metrics = evaluate_classifier(model, test_loader, device)
-        if ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in evaluate_classifier(ema.module, test_loader, device).items()})
-        best = max(best, metrics["top1"])
-        logger.log(step, {"epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()}})
-        print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        if cfg.max_steps is not None and step >= cfg.max_steps:
+        last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            metrics = evaluate_classifier(model, test_loader, device)
+            if ema is not None:
+                ema_metrics = evaluate_classifier(ema.module, test_loader, device)
+                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+            best = max(best, metrics["top1"])
+            logger.log(step, {"epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()}})
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        if last:
             break
     logger.close()
     metrics["top1_best"] = best
