@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -69,9 +71,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    command = shlex.join(["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
     lines = [
         f"Fast vs exact parameter gradient, float32, task {args.task}, K={args.steps}, batch {args.batch_size}, "
         f"random init (head std 10), one batch of the embedded data.\n",
+        f"Regenerate: `{command}`\n",
         "| model | FD step | cosine | relative error |",
         "|---|---|---|---|",
         *(f"| {r['model']} | {r['fd_step']:g} | {r['cosine']:.6f} | {r['relative_error']:.2e} |" for r in rows),

@@ -13,7 +13,9 @@ import argparse
 import json
 import multiprocessing
 import resource
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,7 +141,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"setup": meta, "results": results}, indent=2))
     header = f"{args.model}, batch {args.batch_size}, task {args.task}, {args.threads} threads, {args.device}"
-    table = f"{header}, median of {args.repeats} repeats of {args.iters} steps\n\n" + "\n".join(rows)
+    command = shlex.join(["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
+    table = f"{header}, median of {args.repeats} repeats of {args.iters} steps\n\nRegenerate: `{command}`\n\n"
+    table += "\n".join(rows)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
 

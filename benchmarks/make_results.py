@@ -1,0 +1,43 @@
+"""Assemble benchmarks/RESULTS.md from the tables the benchmark scripts wrote in
+benchmarks/results/, each under its heading with the command that regenerates it.
+
+    python benchmarks/make_results.py
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HERE = Path(__file__).parent
+# (heading, table written by a benchmark script, which names the command that regenerates it)
+SECTIONS = [
+    ("Accuracy at equal pretraining wall time", "accuracy_per_compute.md"),
+    ("Restoration steps K at equal pretraining wall time", "k_ablation.md"),
+    ("Cost of one training step", "step_cost.md"),
+    ("Fast mode's gradient fidelity", "fast_mode_fidelity.md"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(HERE / "results"), help="folder of the generated tables")
+    parser.add_argument("--notes", default=str(HERE / "results" / "notes.md"), help="findings, placed first")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    parts = [
+        "# Benchmark results\n",
+        "Assembled by `python benchmarks/make_results.py` from the tables in `benchmarks/results/`.\n",
+    ]
+    notes = Path(args.notes)
+    if notes.is_file():
+        parts.append(notes.read_text())
+    for heading, name in SECTIONS:
+        table = Path(args.results) / name
+        parts.append(f"## {heading}\n\n" + (table.read_text() if table.is_file() else "(not run yet)\n"))
+    Path(args.out).write_text("\n".join(parts))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
