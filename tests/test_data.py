@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from energyssl.data import eval_transform, load_dataset, pretrain_transform
+from energyssl.data import eval_transform, load_dataset, load_held_out, pretrain_transform
 from energyssl.errors import UserError
 
 
@@ -86,3 +86,16 @@ def test_transforms_give_normalised_tensors_of_the_requested_size():
     assert y.shape == (1, 28, 28)
     batch = torch.stack([eval_transform(ds.info, 28)(ds[i][0]) for i in range(200)])
     assert abs(batch.mean().item()) < 0.15 and abs(batch.std().item() - 1) < 0.15
+
+
+def test_image_folder_splits_and_a_missing_test_split(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("L", (8, 8), 0).save(tmp_path / split / cls / "0.png")
+    assert load_dataset(str(tmp_path), train=True).classes == ["cat", "dog"]
+    assert load_dataset(str(tmp_path), train=False).samples[0][0].parent.parent == tmp_path / "val"
+    (tmp_path / "val").rename(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="no test/ or val/ split"):
+        load_dataset(str(tmp_path), train=False)
+    assert load_held_out(str(tmp_path)).classes == ["cat", "dog"]  # falls back to train/, not to the root

@@ -4,12 +4,13 @@ resume, and export the backbone as a timm state dict."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import checkpoint as ckpt
 from .baselines import METHODS, build_baseline
@@ -76,6 +77,10 @@ def build_model(cfg: PretrainConfig, backbone: nn.Module, info: DataInfo) -> tup
     """(the module checkpointed, the objective trained): an energy model and its pretext
     objective, or a baseline, which is both."""
     if cfg.method == "energy":
+        if cfg.grad_mode == "fast" and (kinked := non_smooth_layers(backbone)):
+            raise UserError(
+                f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
+            )
         model = EnergyModel(
             backbone, alpha_init=cfg.alpha_init, head_init_std=cfg.head_init_std, langevin_std=cfg.langevin_std,
             loss=cfg.loss, grad_mode=cfg.grad_mode,
@@ -108,16 +113,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         cleanup(world)
 
 
-def _pretrain(cfg: PretrainConfig, world: World) -> Path:
-    out = Path(cfg.out)
-    if world.is_main and (out / ckpt.LATEST).exists() and not cfg.resume:
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    device = resolve_device(cfg.device, world)
-    seed_everything(cfg.seed + world.rank)
-
-    dataset = load_dataset(cfg.data, train=True)
-    info = dataset.info
-    img_size = cfg.img_size or info.img_size
+def training_data(
+    cfg: PretrainConfig, dataset: Dataset, info: DataInfo, img_size: int, world: World, device: torch.device
+) -> tuple[TransformedDataset, DistributedSampler, DataLoader]:
+    """The augmented training set, this process's share of it, and its loader (full batches)."""
     train_set = TransformedDataset(dataset, pretrain_transform(info, img_size, tuple(cfg.crop_scale)))
     sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(
@@ -129,17 +128,64 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise UserError(
             f"{len(train_set)} images cannot fill one batch of {cfg.batch_size} per process; lower --batch-size"
         )
+    return train_set, sampler, loader
+
+
+def lr_schedule(
+    cfg: PretrainConfig, base_lr: float, steps_per_epoch: int, state: TrainState, time_budget: float | None
+) -> Callable[[int], float]:
+    """Warmup plus cosine over ``--epochs`` (``--max-steps`` stops early, never reshapes it); with
+    a time budget (seconds) the schedule's position is the share of the budget spent."""
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
+
+    def lr_at(step: int) -> float:
+        if time_budget is not None:
+            step = min(total_steps, int(state.elapsed / time_budget * total_steps))
+        return cosine_lr(step, base_lr, cfg.min_lr, warmup, total_steps)
+
+    return lr_at
+
+
+def resume(
+    cfg: PretrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainState,
+    metadata: dict[str, str],
+    world: World,
+) -> None:
+    """Load weights, optimizer, scaler and position from ``--resume`` (refusing another model's)."""
+    folder = ckpt.find_checkpoint(Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume))
+    ckpt.load_weights(model, folder / ckpt.WEIGHTS, expect=metadata)
+    saved = ckpt.load_training_state(folder)
+    optimizer.load_state_dict(saved["optimizer"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    state.step, state.epoch, state.elapsed = saved["step"], saved["epoch"], saved.get("elapsed", 0.0)
+    if world.is_main:
+        print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
+
+
+def _pretrain(cfg: PretrainConfig, world: World) -> Path:
+    out = Path(cfg.out)
+    if world.is_main and (out / ckpt.LATEST).exists() and not cfg.resume:
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    device = resolve_device(cfg.device, world)
+    seed_everything(cfg.seed + world.rank)
+
+    dataset = load_dataset(cfg.data, train=True)
+    info = dataset.info
+    img_size = cfg.img_size or info.img_size
+    train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
+    steps_per_epoch = len(loader)
 
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
-    if cfg.grad_mode == "fast" and (kinked := non_smooth_layers(backbone)):
-        raise UserError(
-            f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
-        )
     model, objective = build_model(cfg, backbone, info)
     model.to(device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
@@ -150,15 +196,9 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
     amp_dtype = amp_dtype_for(cfg.amp, device) if cfg.grad_mode == "exact" else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    total_steps = cfg.epochs * steps_per_epoch  # --max-steps stops early; it never reshapes the schedule
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
     state = TrainState()
-
-    def lr_at(step: int) -> float:
-        if time_budget is not None:  # the schedule's position is the share of the budget spent
-            step = min(total_steps, int(state.elapsed / time_budget * total_steps))
-        return cosine_lr(step, base_lr, cfg.min_lr, warmup, total_steps)
+    time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
+    lr_at = lr_schedule(cfg, base_lr, steps_per_epoch, state, time_budget)
 
     metadata = run_metadata(cfg, img_size, info.in_chans)
     # what tools reading the checkpoint later need (restore, energy): not checked on resume
@@ -169,15 +209,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         "steps": str(cfg.steps),
     }
     if cfg.resume:
-        folder = ckpt.find_checkpoint(out if cfg.resume == "auto" else Path(cfg.resume))
-        ckpt.load_weights(model, folder / ckpt.WEIGHTS, expect=metadata)
-        saved = ckpt.load_training_state(folder)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        state.step, state.epoch, state.elapsed = saved["step"], saved["epoch"], saved.get("elapsed", 0.0)
-        if world.is_main:
-            print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
+        resume(cfg, model, optimizer, scaler, state, metadata, world)
 
     trained: nn.Module = objective
     if world.distributed:

@@ -7,7 +7,8 @@
   then where Debian's ``dataset-fashion-mnist`` installs them, then torchvision's download;
 * ``cifar10:DIR`` / ``cifar100:DIR`` -- the CIFAR python format (``data_batch_*`` or ``train``);
 * ``torchvision:NAME:DIR`` -- any torchvision dataset class taking ``root, train`` (e.g. MNIST);
-* a folder path -- an image folder: class-per-subfolder, or a flat folder of unlabeled images.
+* a folder path -- an image folder: class-per-subfolder, or a flat folder of unlabeled images;
+  with ``train/`` and ``test/`` (or ``val/``) subfolders, each split is such a folder.
 
 Every dataset yields ``(PIL image, label)`` with label -1 when unknown.
 """
@@ -225,9 +226,11 @@ def load_dataset(spec: str, train: bool = True) -> ArrayDataset | ImageFolderDat
     if not path.is_dir():
         raise UserError(f"data '{spec}' is a file; give the folder that holds the images")
     if (path / "train").is_dir() and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
-        split = path / ("train" if train else "test")
-        if split.is_dir():
-            path = split
+        splits = ["train"] if train else ["test", "val"]
+        found = [path / s for s in splits if (path / s).is_dir()]
+        if not found:  # never read the split folders themselves as classes
+            raise UserError(f"{path} has train/ but no test/ or val/ split")
+        path = found[0]
     return ImageFolderDataset(path)
 
 
