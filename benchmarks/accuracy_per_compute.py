@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probes", nargs="*", default=["knn", "linear"], choices=["knn", "linear", "mlp", "attentive"])
     parser.add_argument("--pretrain-args", default="", help="extra `energyssl pretrain` arguments for every method")
     parser.add_argument("--finetune-args", default="", help="extra `energyssl finetune` arguments")
+    parser.add_argument(
+        "--tag", default="", help="suffix of the fine-tune and probe folders, to keep runs of another recipe apart"
+    )
     parser.add_argument("--out", default="runs/accuracy-per-compute", help="folder of the runs")
     parser.add_argument(
         "--results", default="benchmarks/results/accuracy_per_compute.md", help="Markdown report to write"
@@ -123,13 +126,13 @@ def downstream(args: argparse.Namespace, init: Path | None, folder: Path) -> Non
         source += ["--model", args.model]
     for fraction, epochs in zip(args.label_fractions, args.finetune_epochs, strict=True):
         for seed in args.seeds:
-            out = folder / f"finetune-{fraction:g}-seed{seed}"
+            out = folder / f"finetune-{fraction:g}-seed{seed}{args.tag}"
             if not (out / "results.json").exists():
                 flags = [*source, "--label-fraction", str(fraction), "--epochs", str(epochs), "--seed", str(seed)]
                 flags += FINETUNE_RECIPE + ["--eval-every", str(epochs)] + shlex.split(args.finetune_args)
                 run(["finetune", *flags, "--out", str(out)], out)
     for protocol in args.probes:
-        out = folder / f"probe-{protocol}"
+        out = folder / f"probe-{protocol}{args.tag}"
         if not (out / "results.json").exists():
             run(["probe", *source, "--protocol", protocol, "--out", str(out)], out)
 
@@ -168,12 +171,13 @@ def report(args: argparse.Namespace, root: Path, command: str) -> str:
         folder = root / method
         cells = list(pretraining_row(folder / "pretrain")) if method != SCRATCH else ["-", "0", "-"]
         for fraction in fractions:
-            runs = [top1(folder / f"finetune-{fraction:g}-seed{seed}") for seed in args.seeds]
+            runs = [top1(folder / f"finetune-{fraction:g}-seed{seed}{args.tag}") for seed in args.seeds]
             values = [v for v in runs if v is not None]
             cells.append(mean_and_spread(values))
             if values:
                 means.setdefault(method, {})[fraction] = statistics.mean(values)
-        cells += [mean_and_spread([v] if (v := top1(folder / f"probe-{p}")) is not None else []) for p in args.probes]
+        probes = [top1(folder / f"probe-{p}{args.tag}") for p in args.probes]
+        cells += [mean_and_spread([] if v is None else [v]) for v in probes]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     gaps = []
     for method in args.methods:
@@ -187,12 +191,13 @@ def report(args: argparse.Namespace, root: Path, command: str) -> str:
         f"{platform.processor() or platform.machine()}, {_cpu_name()}, {_cores()} cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
     )
+    recipe = shlex.join(FINETUNE_RECIPE + shlex.split(args.finetune_args))
     schedule = ", ".join(f"{e} epochs at {100 * f:g}%" for f, e in zip(fractions, args.finetune_epochs, strict=True))
     text = [
         f"Pretraining budget: {args.time_budget:g} min of training steps per method on `{args.data}`, model "
         f"`{args.model}`; fine-tuning: {schedule} of the labels (class-balanced), "
         f"seeds {', '.join(map(str, args.seeds))}, recipe "
-        f"`{shlex.join(FINETUNE_RECIPE)}`; probes on all labels. Fine-tune cells: top-1 mean ± half the range "
+        f"`{recipe}`; probes on all labels. Fine-tune cells: top-1 mean ± half the range "
         "over seeds.",
         "",
         f"Machine: {machine}.",
