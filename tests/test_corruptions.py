@@ -105,6 +105,11 @@ def test_build_corruption_reads_parameters_and_rejects_unknown_ones():
     assert list(task_corruptions(mixed, "mixed")) == ["grid_mask", "block_mask_large"]
     assert mixed.corruptions["block_mask_large"].count == 25
     assert "colorize" not in task_corruptions(build_corruption("mixed", in_chans=1), "mixed")
+    masking = build_corruption("masking", {"masking": {"weights": [2, 1, 1]}, "grid_mask": {"cell": 7}}, in_chans=1)
+    assert list(task_corruptions(masking, "masking")) == ["grid_mask", "block_mask", "block_mask_large"]
+    assert masking.weights == [2, 1, 1] and masking.corruptions["grid_mask"].cell == 7
+    with pytest.raises(UserError, match="cannot contain a mixture"):
+        build_corruption("mixed", {"mixed": {"tasks": ["grid_mask", "masking"]}})
     with pytest.raises(UserError, match="unknown parameter"):
         build_corruption("grid_mask", {"grid_mask": {"size": 3}})
     with pytest.raises(UserError, match="unknown task"):

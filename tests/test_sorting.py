@@ -102,7 +102,7 @@ def test_sorting_joins_mixed_with_its_weight():
 
 def test_sorting_pretraining_sorts_and_fine_tunes_from_sincos(tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", "--model", "essl_vit_micro_patch7", "--task", "sorting", "--max-steps", "4"]
+    args = ["pretrain", "--model", "essl_vit_micro_patch7", "--task", "sorting", "--max-steps", "4", "--steps", "2"]
     assert main([*args, "--batch-size", "16", "--no-tensorboard", "--out", str(out)]) == 0
     report = json.loads((out / "restoration.json").read_text())["tasks"]["sorting"]
     assert 0 <= report["shuffled_accuracy"] < 0.5 and "step2_accuracy" in report
@@ -114,7 +114,7 @@ def test_sorting_pretraining_sorts_and_fine_tunes_from_sincos(tmp_path):
 
 def test_mixed_with_sorting_runs(tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", "--model", "essl_vit_micro_patch7", "--max-steps", "3", "--batch-size", "16"]
+    args = ["pretrain", "--model", "essl_vit_micro_patch7", "--max-steps", "3", "--batch-size", "16", "--task", "mixed"]
     args += ["--set", "corruption.mixed.tasks=[grid_mask, denoise, sorting]", "--no-tensorboard", "--out", str(out)]
     assert main(args) == 0
     assert set(json.loads((out / "restoration.json").read_text())["tasks"]) == {"grid_mask", "denoise", "sorting"}

@@ -13,9 +13,9 @@ from energyssl.visualize import auroc, psnr
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A mini ViT pretrained for 60 steps on grid masking: enough to restore measurably."""
+    """A mini ViT pretrained for 60 steps on grid masking with K=2: enough to restore measurably."""
     out = tmp_path_factory.mktemp("vis") / "run"
-    args = ["pretrain", "--model", "essl_vit_mini_patch7", "--batch-size", "32", "--task", "grid_mask"]
+    args = ["pretrain", "--model", "essl_vit_mini_patch7", "--batch-size", "32", "--task", "grid_mask", "--steps", "2"]
     args += ["--max-steps", "60", "--warmup-epochs", "0.1", "--no-tensorboard", "--out", str(out)]
     assert main(args) == 0
     return out

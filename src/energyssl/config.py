@@ -70,20 +70,21 @@ class PretrainConfig(CommonConfig):
         {}, "options of a baseline, e.g. {mask_ratio: 0.75, decoder_depth: 2} (see energyssl.baselines)"
     )
     task: str = _opt(
-        "mixed",
-        "pretext task: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize, mixed, "
-        "or sorting (ViT: restore shuffled position embeddings; also joins mixed via corruption.mixed.tasks)",
+        "masking",
+        "pretext task: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize, mixed (one "
+        "of all per image), masking (one of the three masks per image), or sorting (ViT: restore shuffled position "
+        "embeddings; also joins mixed via corruption.mixed.tasks)",
     )
     corruption: dict = _opt(
         {},
         "per-task parameters, e.g. {grid_mask: {cell: 4, ratio: 0.7}, mixed: {tasks: [...], weights: [...]}}; "
         "on the command line: --set corruption.grid_mask.ratio=0.5",
     )
-    steps: int = _opt(2, "restoration steps K")
+    steps: int = _opt(1, "restoration steps K (1 gave the best accuracy per compute, benchmarks/RESULTS.md)")
     grad_mode: str = _opt(
-        "exact",
-        "parameter gradient of the energy objective: exact (double backward) or fast (finite difference of two "
-        "backward passes; float32, smooth backbones such as ViTs and ConvNeXts)",
+        "auto",
+        "parameter gradient of the energy objective: exact (double backward), fast (finite difference of two "
+        "backward passes; float32, smooth backbones such as ViTs and ConvNeXts), or auto (fast where it applies)",
     )
     time_budget: float | None = _opt(
         None,

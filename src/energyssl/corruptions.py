@@ -179,7 +179,13 @@ class Mixed(Corruption):
 CORRUPTIONS: dict[str, type[Corruption]] = {
     cls.name: cls for cls in (GridMask, BlockMask, SuperResolution, Denoise, Colorize, Mixed)
 }
-TASKS = ("grid_mask", "block_mask", "block_mask_large", "super_resolution", "denoise", "colorize", "mixed")
+SINGLE_TASKS = ("grid_mask", "block_mask", "block_mask_large", "super_resolution", "denoise", "colorize")
+# A per-image mixture's default tasks (None: every task the data allows).
+MIXTURES: dict[str, tuple[str, ...] | None] = {
+    "mixed": None,
+    "masking": ("grid_mask", "block_mask", "block_mask_large"),
+}
+TASKS = SINGLE_TASKS + tuple(MIXTURES)
 
 
 def build_corruption(
@@ -188,20 +194,21 @@ def build_corruption(
     """Build the corruption named ``task`` with per-corruption ``params`` from the config.
 
     ``mixed`` draws among ``params["mixed"]["tasks"]`` (default: every task the data
-    allows, colorization only for 3-channel images) with optional ``weights``.
+    allows, colorization only for 3-channel images) with optional ``weights``; ``masking`` is
+    the same with the three masks by default.
     """
     params = params or {}
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}, sorting (ViT)")
-    if task == "mixed":
-        mixed = dict(params.get("mixed", {}))
-        default = [t for t in TASKS if t != "mixed" and (t != "colorize" or in_chans == 3)]
-        tasks = mixed.pop("tasks", default)
-        weights = mixed.pop("weights", None)
-        if mixed:
-            raise UserError(f"unknown parameter(s) for mixed: {', '.join(mixed)}")
-        if "mixed" in tasks:
-            raise UserError("mixed cannot contain itself")
+    if task in MIXTURES:
+        mixture = dict(params.get(task, {}))
+        default = MIXTURES[task] or [t for t in SINGLE_TASKS if t != "colorize" or in_chans == 3]
+        tasks = mixture.pop("tasks", default)
+        weights = mixture.pop("weights", None)
+        if mixture:
+            raise UserError(f"unknown parameter(s) for {task}: {', '.join(mixture)}")
+        if any(t in MIXTURES for t in tasks):
+            raise UserError(f"{task} cannot contain a mixture ({', '.join(MIXTURES)})")
         parts = {t: build_corruption(t, params, in_chans=in_chans, mean=mean, std=std) for t in tasks}
         return Mixed(parts, weights)
     if task == "colorize" and in_chans != 3:

@@ -37,6 +37,7 @@ from .visualize import save_restoration_grid
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 LOSS_CHOICES = ("mse", "smooth_l1")
+GRAD_MODE_CHOICES = ("auto", *GRAD_MODES)
 RESTORATION_EVAL_IMAGES = 512
 GRID_IMAGES = 4
 
@@ -48,9 +49,9 @@ def validate(cfg: PretrainConfig) -> None:
         (cfg.method in METHODS, f"method must be one of {METHODS}, got '{cfg.method}'"),
         (cfg.loss in LOSS_CHOICES, f"loss must be one of {LOSS_CHOICES}, got '{cfg.loss}'"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
-        (cfg.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}, got '{cfg.grad_mode}'"),
-        (cfg.grad_mode == "exact" or cfg.method == "energy", "grad_mode fast applies to the energy method only"),
-        (cfg.grad_mode == "exact" or cfg.amp in ("auto", "none"), "grad_mode fast needs float32: use --amp none"),
+        (cfg.grad_mode in GRAD_MODE_CHOICES, f"grad_mode must be one of {GRAD_MODE_CHOICES}, got '{cfg.grad_mode}'"),
+        (cfg.grad_mode != "fast" or cfg.method == "energy", "grad_mode fast applies to the energy method only"),
+        (cfg.grad_mode != "fast" or cfg.amp in ("auto", "none"), "grad_mode fast needs float32: use --amp none"),
         (cfg.time_budget is None or cfg.time_budget > 0, f"time_budget must be > 0 minutes, got {cfg.time_budget}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
@@ -73,17 +74,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(cfg: PretrainConfig, backbone: nn.Module, info: DataInfo) -> tuple[nn.Module, nn.Module]:
+def resolve_grad_mode(cfg: PretrainConfig, backbone: nn.Module, device: torch.device) -> str:
+    """``auto`` is fast (cheaper, far less memory) for smooth backbones in float32, else exact."""
+    kinked = non_smooth_layers(backbone)
+    if cfg.grad_mode == "fast" and kinked:
+        raise UserError(
+            f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
+        )
+    if cfg.grad_mode == "auto":
+        return "exact" if kinked or amp_dtype_for(cfg.amp, device) is not None else "fast"
+    return cfg.grad_mode
+
+
+def build_model(
+    cfg: PretrainConfig, backbone: nn.Module, info: DataInfo, grad_mode: str = "exact"
+) -> tuple[nn.Module, nn.Module]:
     """(the module checkpointed, the objective trained): an energy model and its pretext
     objective, or a baseline, which is both."""
     if cfg.method == "energy":
-        if cfg.grad_mode == "fast" and (kinked := non_smooth_layers(backbone)):
-            raise UserError(
-                f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
-            )
         model = EnergyModel(
             backbone, alpha_init=cfg.alpha_init, head_init_std=cfg.head_init_std, langevin_std=cfg.langevin_std,
-            loss=cfg.loss, grad_mode=cfg.grad_mode,
+            loss=cfg.loss, grad_mode=grad_mode,
         )  # fmt: skip
         return model, build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
     baseline = build_baseline(
@@ -186,7 +197,8 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     steps_per_epoch = len(loader)
 
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
-    model, objective = build_model(cfg, backbone, info)
+    grad_mode = resolve_grad_mode(cfg, backbone, device)
+    model, objective = build_model(cfg, backbone, info, grad_mode)
     model.to(device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
     dead = freeze_unreached_parameters(objective, example)
@@ -194,7 +206,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
-    amp_dtype = amp_dtype_for(cfg.amp, device) if cfg.grad_mode == "exact" else None
+    amp_dtype = amp_dtype_for(cfg.amp, device) if grad_mode == "exact" else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     state = TrainState()
     time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
@@ -229,8 +241,9 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         logger.forget_after(state.step)
         print(
             f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
-            f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}, K={cfg.steps} "
-            f"({cfg.grad_mode} gradient), lr {base_lr:.2e}, "
+            f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}"
+            + (f", K={cfg.steps} ({grad_mode} gradient)" if cfg.method == "energy" else "")
+            + f", lr {base_lr:.2e}, "
             f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
             + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
             + f", {world.size} process(es), {device}"
