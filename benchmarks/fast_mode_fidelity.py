@@ -18,6 +18,7 @@ import torch
 
 import energyssl.energy as energy_module
 from energyssl import EnergyModel, create_backbone
+from energyssl.analysis import load_energy_model
 from energyssl.data import eval_transform, load_dataset
 from energyssl.objective import build_objective, freeze_unreached_parameters
 
@@ -33,8 +34,13 @@ def parameter_gradient(objective: torch.nn.Module, images: torch.Tensor, steps: 
 
 
 def compare(model_name: str, images: torch.Tensor, task: str, steps: int, fd_steps: list[float]) -> list[dict]:
+    """``model_name`` is a backbone at random init, or a pretraining run folder (trained weights)."""
     torch.manual_seed(0)
-    model = EnergyModel(create_backbone(model_name, img_size=28, in_chans=1), head_init_std=10.0)
+    if Path(model_name).is_dir():
+        model = load_energy_model(model_name).model.train()
+    else:
+        model = EnergyModel(create_backbone(model_name, img_size=28, in_chans=1), head_init_std=10.0)
+    model.grad_mode = "exact"
     objective = build_objective(model, task, {}, 1, (0.286,), (0.353,))
     freeze_unreached_parameters(objective, images[:4])
     exact = parameter_gradient(objective, images, steps)
@@ -57,7 +63,12 @@ def compare(model_name: str, images: torch.Tensor, task: str, steps: int, fd_ste
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["essl_vit_mini_patch7", "essl_resnet_tiny"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["essl_vit_mini_patch7", "essl_resnet_tiny"],
+        help="backbone names (random init) or pretraining run folders (trained weights)",
+    )
     parser.add_argument("--task", default="mixed")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -74,7 +85,7 @@ def main() -> None:
     command = shlex.join(["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
     lines = [
         f"Fast vs exact parameter gradient, float32, task {args.task}, K={args.steps}, batch {args.batch_size}, "
-        f"random init (head std 10), one batch of the embedded data.\n",
+        f"random init (head std 10) or a run's weights, one batch of the embedded data.\n",
         f"Regenerate: `{command}`\n",
         "| model | FD step | cosine | relative error |",
         "|---|---|---|---|",

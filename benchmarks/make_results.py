@@ -14,6 +14,7 @@ HERE = Path(__file__).parent
 SECTIONS = [
     ("Accuracy at equal pretraining wall time", "accuracy_per_compute.md"),
     ("Restoration steps K at equal pretraining wall time", "k_ablation.md"),
+    ("One change at a time from the old defaults (mixed, K=2, exact)", "tuning.md"),
     ("Cost of one training step", "step_cost.md"),
     ("Fast mode's gradient fidelity", "fast_mode_fidelity.md"),
 ]
