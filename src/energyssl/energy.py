@@ -30,7 +30,7 @@ DEFAULT_HEAD_STD = 1.0
 GRAD_MODES = ("exact", "fast")
 # Fast mode's finite-difference step: the perturbation's RMS relative to the input's. The
 # forward difference errs by O(step) (curvature) plus O(float32 eps / step) (rounding); 1e-3
-# balances the two (see tests/test_energy.py and benchmarks/results/fast_mode_fidelity.md).
+# balances the two (see tests/test_fast_mode.py and benchmarks/results/fast_mode_fidelity.md).
 FD_STEP = 1e-3
 
 
@@ -254,8 +254,9 @@ class EnergyModel(nn.Module):
                     x_next = self._step(x, grad_x.detach() / grad_scale, alpha)
                     step_loss = target_loss(x_next)
                     (v,) = torch.autograd.grad(step_loss, x_next, retain_graph=True)
-                if _rms(v) > 0:
-                    eps = FD_STEP * torch.clamp(_rms(x), min=1e-3) / _rms(v)
+                v_rms = _rms(v)
+                if v_rms > 0:  # a perfect restoration step has no parameter gradient
+                    eps = FD_STEP * torch.clamp(_rms(x), min=1e-3) / v_rms
                     with _replayed_randomness(randomness, x.device), torch.enable_grad():
                         shifted = energy_fn(x + eps * v)
                         at_shifted = torch.autograd.grad(shifted.sum() * grad_scale, params, allow_unused=True)
