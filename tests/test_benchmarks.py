@@ -76,3 +76,21 @@ def test_step_cost_reports_ratios_and_memory(tmp_path):
     assert data["energy K=1 fast"]["img_per_s"] > 0 and data["energy K=1 fast"]["peak_mb"] >= 0
     bad = subprocess.run([*cmd[:2], "--methods", "mae"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must include supervised" in bad.stderr
+
+
+def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path):
+    """The device check's code paths, tiny and on CPU, so the script cannot rot between GPU runs."""
+    out = tmp_path / "check"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    sections = ("environment", "step_cost", "predicted", "fidelity", "corruption_memory", "pretraining", "evaluation")
+    assert all(isinstance(results[s], (dict, list)) and "error" not in results[s] for s in sections)
+    assert all("error" not in row and row["gflops_per_image"] > 0 for row in results["step_cost"])
+    assert [r["amp"] for r in results["pretraining"]] == ["bf16", "fp16", "none"]
+    assert all(r["exit"] == 0 and r["finite"] for r in results["pretraining"])
+    assert all(r["exit"] == 0 for r in results["evaluation"]) and len(results["evaluation"]) == 5
+    assert "## Step cost" in (out / "gpu_check.md").read_text()

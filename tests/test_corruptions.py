@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from energyssl.corruptions import (
     BlockMask,
@@ -114,3 +115,29 @@ def test_build_corruption_reads_parameters_and_rejects_unknown_ones():
         build_corruption("grid_mask", {"grid_mask": {"size": 3}})
     with pytest.raises(UserError, match="unknown task"):
         build_corruption("inpaint")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("task", ["grid_mask", "block_mask", "block_mask_large", "denoise", "colorize", "mixed"])
+def test_corruptions_at_224_px_allocate_no_more_than_the_batch(task):
+    """O(B x H x W) memory: no intermediate bigger than the image batch (a per-block mask of
+    B x count x H x W would be 25 to 75 times bigger at 224 px)."""
+    x = images(chans=3, batch=4, size=224)
+    corruption = build_corruption(task, {}, in_chans=3)
+    with LargestTensor() as largest:
+        corruption(x, torch.Generator().manual_seed(0))
+    assert largest.bytes <= x.numel() * x.element_size()

@@ -51,15 +51,3 @@ def test_fast_mode_replays_dropout_masks_in_its_second_pass():
 def test_kinked_layers_are_named():
     assert non_smooth_layers(create_backbone("essl_resnet_tiny", in_chans=1)) == ["MaxPool2d", "ReLU"]
     assert non_smooth_layers(tiny_vit()) == []
-
-
-def test_auto_grad_mode_is_fast_for_smooth_float32_backbones_only():
-    from energyssl.config import PretrainConfig
-    from energyssl.pretrain import resolve_grad_mode
-
-    cpu = torch.device("cpu")
-    vit, resnet = tiny_vit().backbone, create_backbone("essl_resnet_tiny", in_chans=1)
-    assert resolve_grad_mode(PretrainConfig(grad_mode="auto"), vit, cpu) == "fast"
-    assert resolve_grad_mode(PretrainConfig(grad_mode="auto"), resnet, cpu) == "exact"
-    assert resolve_grad_mode(PretrainConfig(grad_mode="auto", amp="bf16"), vit, cpu) == "exact"
-    assert resolve_grad_mode(PretrainConfig(grad_mode="exact"), vit, cpu) == "exact"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
@@ -69,6 +70,9 @@ def test_short_pretraining_restores_better_than_the_corruption(tmp_path, grad_mo
         (["--grad-mode", "fast", "--model", "essl_resnet_tiny"], "has MaxPool2d, ReLU"),
         (["--grad-mode", "fast", "--method", "mae"], "energy method only"),
         (["--time-budget", "0"], "time_budget must be > 0"),
+        (["--img-size", "30"], "image size 30 is not a multiple of essl_vit_micro_patch7's patch size 7: use"),
+        (["--img-size", "30", "--method", "mae"], "--patch-size 6 or --img-size 28"),
+        (["--img-size", "30", "--method", "cae"], "is not a multiple of"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message):
@@ -184,3 +188,22 @@ def test_time_budget_stops_the_run_and_decays_the_lr_within_it(tmp_path):
     assert 0 < state["step"] < 50 * 250  # far from the 50 epochs: the budget ended the run
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[-1]["lr"] < 0.2 * rows[0]["lr"]  # the cosine ran its course within the budget
+
+
+def test_default_model_adapts_its_patch_to_32_px_images(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--img-size", "32", "--batch-size", "8", "--max-steps", "1", "--no-tensorboard"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "takes patch size 8 for 32 px images" in capsys.readouterr().out
+    assert read_metadata(out / BACKBONE)["model_kwargs"] == json.dumps({"in_chans": 1, "img_size": 32, "patch_size": 8})
+
+
+def test_loader_workers_default_to_the_cpus_on_a_gpu_only():
+    from energyssl.distributed import World, loader_workers
+
+    assert loader_workers(None, torch.device("cpu"), World()) == 0
+    assert loader_workers(3, torch.device("cuda"), World()) == 3
+    with mock.patch("os.cpu_count", return_value=16):
+        assert loader_workers(None, torch.device("cuda"), World()) == 8
+        with mock.patch("torch.cuda.device_count", return_value=8):
+            assert loader_workers(None, torch.device("cuda"), World(size=8)) == 1

@@ -52,7 +52,9 @@ class CommonConfig:
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, alpha)")
     amp: str = _opt("auto", "mixed precision: auto (bf16 on a GPU that supports it, else off), bf16, fp16, none")
-    num_workers: int = _opt(0, "data loader worker processes")
+    num_workers: int | None = _opt(
+        None, "data loader worker processes (default: 0 on a CPU; on a GPU, the CPUs per GPU process, at most 8)"
+    )
     seed: int = _opt(0, "random seed (data order, corruptions, init)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     out: str = _opt("runs/pretrain", "output folder: checkpoints, metrics.jsonl, config.yaml, TensorBoard logs")

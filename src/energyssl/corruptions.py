@@ -84,10 +84,15 @@ class BlockMask(Corruption):
         block_w = torch.sqrt(area / aspect).round().clamp(1, width)
         top = ((height - block_h + 1) * u[2]).floor()
         left = ((width - block_w + 1) * u[3]).floor()
-        ys = torch.arange(height, device=device).view(1, 1, height, 1)
-        xs = torch.arange(width, device=device).view(1, 1, 1, width)
-        inside = (ys >= top) & (ys < top + block_h) & (xs >= left) & (xs < left + block_w)
-        return inside.any(dim=1, keepdim=True)
+        ys = torch.arange(height, device=device).view(1, 1, height)
+        xs = torch.arange(width, device=device).view(1, 1, width)
+        rows = ((ys >= top.view(batch, -1, 1)) & (ys < (top + block_h).view(batch, -1, 1))).float()  # (B, n, H)
+        cols = ((xs >= left.view(batch, -1, 1)) & (xs < (left + block_w).view(batch, -1, 1))).float()  # (B, n, W)
+        # pixel (y, x) is covered when some block spans both its row and its column: a batched
+        # (H, n) @ (n, W) product keeps memory at O(B H W), not O(B n H W)
+        with torch.autocast(device.type, enabled=False):
+            covered = torch.bmm(rows.transpose(1, 2), cols)
+        return (covered > 0).unsqueeze(1)
 
     def __call__(self, x: Tensor, generator: Generator = None) -> Tensor:
         b, _, h, w = x.shape

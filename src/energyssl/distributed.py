@@ -79,13 +79,19 @@ def cleanup(world: World) -> None:
         dist.destroy_process_group()
 
 
+def loader_workers(requested: int | None, device: torch.device, world: World) -> int:
+    """``--num-workers``, else none on a CPU (workers would compete with training for its cores)
+    and on a GPU the CPUs shared among this machine's processes, at most 8, so decoding and
+    augmentation keep up with the model."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    per_node = max(1, torch.cuda.device_count()) if world.distributed else 1
+    return max(1, min(8, (os.cpu_count() or 1) // per_node - 1))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]

@@ -10,7 +10,8 @@ the loss is a mixed second derivative of E. Two ways compute it (``grad_mode``):
   backpropagated through it (double backward; needs the math attention kernel).
 - ``fast``: d/dtheta [v . dE/dx] is the derivative of dE/dtheta along v, taken as a forward
   finite difference of two ordinary backward passes; the first is the pass that gives dE/dx.
-  No double backward, any attention kernel, one activation graph alive at a time.
+  No double backward, any attention kernel, one activation graph alive at a time. Both
+  passes run in true float32 (TF32 off): its rounding is the size of the difference measured.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .precision import full_float32
 
 DEFAULT_ALPHA = 1.0
 DEFAULT_HEAD_STD = 1.0
@@ -242,7 +245,7 @@ class EnergyModel(nn.Module):
         totals: list[Tensor | None] = [None] * len(params)
         step_losses, restored = [], []
         x = start.detach()
-        with self._running_stats():
+        with self._running_stats(), full_float32():
             for _ in range(steps):
                 randomness = _random_state(x.device)
                 with torch.enable_grad():

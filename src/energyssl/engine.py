@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from .corruptions import Corruption
 from .distributed import World, all_finite, max_across, mean_across
-from .energy import EnergyModel
+from .energy import EnergyModel, Restoration
+from .precision import Precision
 from .sorting import PatchSorting, restore_positions, sorting_accuracy
 
 
@@ -26,6 +27,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     elapsed: float = 0.0  # seconds spent in training steps (data loading included), for time budgets
+    skipped: int = 0  # fp16 steps skipped because dE/dx overflowed
 
 
 def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -36,9 +38,10 @@ def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int, total
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def corruption_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A generator fixed by (seed, rank, step): a resumed run corrupts exactly as the original."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + step)
+def corruption_generator(seed: int, rank: int, step: int, device: torch.device | None = None) -> torch.Generator:
+    """A generator fixed by (seed, rank, step): a resumed run corrupts exactly as the original.
+    It lives on the batch's device, so corruptions draw their noise there (no host copy)."""
+    return torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + rank * 7_919 + step)
 
 
 def step_size(objective: nn.Module) -> float | None:
@@ -59,8 +62,7 @@ def train_one_epoch(
     seed: int,
     world: World,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
+    precision: Precision | None = None,
     clip_grad: float | None = None,
     max_steps: int | None = None,
     time_budget: float | None = None,
@@ -69,9 +71,11 @@ def train_one_epoch(
     on_checkpoint: Callable[[], None] | None = None,
     save_every: int = 0,
 ) -> None:
-    """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps.
+    """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps
+    (fp16 steps skipped for an overflow included, as GradScaler counts them).
     ``objective`` is a :class:`PretextObjective`, possibly wrapped in DDP. Stops early at
     ``max_steps`` or when ``state.elapsed`` reaches ``time_budget`` seconds."""
+    precision = precision or Precision()
     objective.train()
     bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
     tick, seen = time.perf_counter(), 0
@@ -83,53 +87,86 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = images.to(device, non_blocking=True)
-        generator = corruption_generator(seed, world.rank, state.step)
-        grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = objective(images, generator, steps=steps, grad_scale=grad_scale)
-        if not all_finite(out.loss, world):
-            raise NonFiniteLoss(f"loss is {out.loss.item()} at step {state.step}")
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(out.loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            out.loss.backward()
-        if clip_grad is not None:
-            nn.utils.clip_grad_norm_(objective.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        generator = corruption_generator(seed, world.rank, state.step, device)
+        out = train_step(objective, images, generator, optimizer, precision, steps, clip_grad, world, state.step)
         state.step += 1
+        state.skipped += out is None
         seen += images.shape[0]
         state.elapsed += time.perf_counter() - step_start
         if time_budget is not None:  # every process must stop at the same step
             state.elapsed = max_across(state.elapsed, world)
 
         alpha = step_size(objective)
-        bar.set_postfix(
-            loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}", **({} if alpha is None else {"alpha": f"{alpha:.3f}"})
-        )
-        if on_log is not None and state.step % log_every == 0:
+        if out is not None:
+            postfix = {"loss": f"{out.loss.item():.4f}", "lr": f"{lr:.2e}"}
+            bar.set_postfix(postfix | ({} if alpha is None else {"alpha": f"{alpha:.3f}"}))
+        if on_log is not None and out is not None and state.step % log_every == 0:
             elapsed = time.perf_counter() - tick
-            record = {
-                "epoch": state.epoch,
-                "loss": mean_across(out.loss.item(), world),
-                **{f"loss_step{k + 1}": mean_across(v.item(), world) for k, v in enumerate(out.step_losses)},
-                **({} if out.baseline is None else {"corrupted_loss": mean_across(out.baseline.item(), world)}),
-                **({} if alpha is None else {"alpha": alpha}),
-                "lr": lr,
-                "img_per_s": seen * world.size / elapsed,
-            }
-            on_log(record)
+            on_log(step_record(out, state, lr, alpha, seen * world.size / elapsed, precision, world))
             tick, seen = time.perf_counter(), 0
         if on_checkpoint is not None and save_every and state.step % save_every == 0:
             on_checkpoint()
         step_start = time.perf_counter()  # checkpoints do not count against the budget
     bar.close()
+
+
+def train_step(
+    objective: nn.Module,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    steps: int,
+    clip_grad: float | None,
+    world: World,
+    step: int,
+) -> Restoration | None:
+    """One optimizer step. Returns None when fp16's dE/dx overflowed: the step is skipped and
+    its scale halved (GradScaler likewise skips steps whose parameter gradients overflow)."""
+    with precision.autocast(images.device):
+        out = objective(images, generator, steps=steps, grad_scale=precision.input_grad_scale)
+    finite = all_finite(out.loss, world)
+    if precision.input_scale is not None:
+        precision.input_scale.update(finite)
+        if not finite and not precision.input_scale.exhausted:
+            return None
+    if not finite:
+        raise NonFiniteLoss(f"loss is {out.loss.item()} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler = precision.scaler
+    (out.loss if scaler is None else scaler.scale(out.loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(objective.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return out
+
+
+def step_record(
+    out: Restoration, state: TrainState, lr: float, alpha: float | None, img_per_s: float, precision: Precision,
+    world: World,
+) -> dict[str, float]:  # fmt: skip
+    """What ``metrics.jsonl`` holds for a step (losses averaged over processes)."""
+    record = {
+        "epoch": state.epoch,
+        "loss": mean_across(out.loss.item(), world),
+        **{f"loss_step{k + 1}": mean_across(v.item(), world) for k, v in enumerate(out.step_losses)},
+        **({} if out.baseline is None else {"corrupted_loss": mean_across(out.baseline.item(), world)}),
+        **({} if alpha is None else {"alpha": alpha}),
+        "lr": lr,
+        "img_per_s": img_per_s,
+    }
+    if precision.scaler is not None:
+        record["grad_scale"] = precision.scaler.get_scale()
+        record["skipped_steps"] = state.skipped
+    if precision.input_scale is not None:
+        record["input_grad_scale"] = precision.input_scale.scale
+    return record
 
 
 def budget_spent(state: TrainState, max_steps: int | None, time_budget: float | None) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import UserError
 
+DEFAULT_MODEL = "essl_vit_mini_patch7"
 PRESETS = (
     "essl_vit_tiny_patch4",
     "essl_vit_mini_patch7",
@@ -108,9 +109,39 @@ def create_backbone(
         raise UserError(f"unknown model '{name}'. Presets: {', '.join(PRESETS)}.{hint}")
     overrides = {"num_classes": 0, **backbone_kwargs(name, img_size, in_chans, patch_size), **kwargs}
     try:
-        return timm.create_model(name, pretrained=False, **overrides)
+        model = timm.create_model(name, pretrained=False, **overrides)
     except TypeError as exc:
         raise UserError(f"model '{name}' rejected its arguments {sorted(overrides)}: {exc}") from exc
+    if img_size is not None:
+        check_patch_grid(model, name, img_size)
+    return model
+
+
+def check_patch_grid(model: nn.Module, name: str, img_size: int) -> None:
+    """Refuse an image size the patch size does not divide: a ViT would silently never see the
+    last rows and columns, and patch-based methods could not cut the image into patches."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return
+    patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+    if img_size % patch:
+        fits = [p for p in range(2, min(img_size, 32) + 1) if img_size % p == 0]
+        hint = f"--patch-size {min(fits, key=lambda p: abs(p - patch))} or " if fits else ""
+        raise UserError(
+            f"image size {img_size} is not a multiple of {name}'s patch size {patch}: "
+            f"use {hint}--img-size {max(patch, img_size // patch * patch)}"
+        )
+
+
+def default_patch_size(name: str, img_size: int, announce: bool = True) -> int | None:
+    """The default model's patch 7 suits 28 px images; for a size 7 does not divide it keeps the
+    same 4 x 4 grid where that is exact (32 px: patch 8). None: keep the model's own."""
+    if name != DEFAULT_MODEL or img_size % 7 == 0 or img_size % 4:
+        return None
+    patch = img_size // 4
+    if announce:
+        print(f"note: {name} takes patch size {patch} for {img_size} px images (a 4 x 4 grid; --patch-size overrides)")
+    return patch
 
 
 def _takes_argument(name: str, key: str) -> bool:

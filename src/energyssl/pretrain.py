@@ -17,7 +17,7 @@ from .baselines import METHODS, build_baseline
 from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions
 from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, load_held_out, pretrain_transform
-from .distributed import World, amp_dtype_for, cleanup, init_distributed, resolve_device, seed_everything
+from .distributed import World, cleanup, init_distributed, loader_workers, resolve_device, seed_everything
 from .energy import GRAD_MODES, EnergyModel, non_smooth_layers
 from .engine import (
     NonFiniteLoss,
@@ -31,11 +31,11 @@ from .engine import (
 )
 from .errors import UserError
 from .metrics import MetricsLogger
-from .models import backbone_kwargs, create_backbone
+from .models import backbone_kwargs, create_backbone, default_patch_size
 from .objective import SORTING, PretextObjective, build_objective, freeze_unreached_parameters
+from .precision import AMP_CHOICES, Precision, amp_dtype_for, channels_last_if_cnn, choose_precision
 from .visualize import save_restoration_grid
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 LOSS_CHOICES = ("mse", "smooth_l1")
 GRAD_MODE_CHOICES = ("auto", *GRAD_MODES)
 RESTORATION_EVAL_IMAGES = 512
@@ -74,16 +74,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def resolve_grad_mode(cfg: PretrainConfig, backbone: nn.Module, device: torch.device) -> str:
-    """``auto`` is fast (cheaper, far less memory) for smooth backbones in float32, else exact."""
+def resolve_precision(
+    cfg: PretrainConfig, backbone: nn.Module, device: torch.device
+) -> tuple[str, torch.dtype | None, str]:
+    """(grad mode, autocast dtype, why): see :func:`energyssl.precision.choose_precision`."""
+    if cfg.method != "energy":
+        return "exact", amp_dtype_for(cfg.amp, device), ""
     kinked = non_smooth_layers(backbone)
     if cfg.grad_mode == "fast" and kinked:
         raise UserError(
             f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
         )
-    if cfg.grad_mode == "auto":
-        return "exact" if kinked or amp_dtype_for(cfg.amp, device) is not None else "fast"
-    return cfg.grad_mode
+    return choose_precision(cfg.grad_mode, cfg.amp, kinked, device)
 
 
 def build_model(
@@ -130,14 +132,15 @@ def training_data(
     """The augmented training set, this process's share of it, and its loader (full batches)."""
     train_set = TransformedDataset(dataset, pretrain_transform(info, img_size, tuple(cfg.crop_scale)))
     sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    workers = loader_workers(cfg.num_workers, device, world)
     loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         drop_last=True,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=workers > 0,
     )
     if len(loader) == 0:
         raise UserError(
@@ -166,19 +169,19 @@ def resume(
     cfg: PretrainConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
+    precision: Precision,
     state: TrainState,
     metadata: dict[str, str],
     world: World,
 ) -> None:
-    """Load weights, optimizer, scaler and position from ``--resume`` (refusing another model's)."""
+    """Load weights, optimizer, loss scales and position from ``--resume`` (refusing another model's)."""
     folder = ckpt.find_checkpoint(Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume))
     ckpt.load_weights(model, folder / ckpt.WEIGHTS, expect=metadata)
     saved = ckpt.load_training_state(folder)
     optimizer.load_state_dict(saved["optimizer"])
-    if scaler is not None and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
+    precision.load_state_dict(saved)
     state.step, state.epoch, state.elapsed = saved["step"], saved["epoch"], saved.get("elapsed", 0.0)
+    state.skipped = saved.get("skipped", 0)
     if world.is_main:
         print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
 
@@ -196,18 +199,18 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
     steps_per_epoch = len(loader)
 
+    cfg.patch_size = cfg.patch_size or default_patch_size(cfg.model, img_size, announce=world.is_main)
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
-    grad_mode = resolve_grad_mode(cfg, backbone, device)
+    grad_mode, amp_dtype, why = resolve_precision(cfg, backbone, device)
     model, objective = build_model(cfg, backbone, info, grad_mode)
-    model.to(device)
+    channels_last_if_cnn(model.to(device), device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
     dead = freeze_unreached_parameters(objective, example)
 
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
-    amp_dtype = amp_dtype_for(cfg.amp, device) if grad_mode == "exact" else None
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    precision = Precision.build(amp_dtype, device, energy=cfg.method == "energy")
     state = TrainState()
     time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
     lr_at = lr_schedule(cfg, base_lr, steps_per_epoch, state, time_budget)
@@ -221,7 +224,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         "steps": str(cfg.steps),
     }
     if cfg.resume:
-        resume(cfg, model, optimizer, scaler, state, metadata, world)
+        resume(cfg, model, optimizer, precision, state, metadata, world)
 
     trained: nn.Module = objective
     if world.distributed:
@@ -242,13 +245,16 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         print(
             f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
             f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}"
-            + (f", K={cfg.steps} ({grad_mode} gradient)" if cfg.method == "energy" else "")
+            + (f", K={cfg.steps}" if cfg.method == "energy" else "")
             + f", lr {base_lr:.2e}, "
             f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
             + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
             + f", {world.size} process(es), {device}"
             + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
         )
+        dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+        gradient = f"{grad_mode} gradient, " if cfg.method == "energy" else ""
+        print(f"precision: {gradient}{dtype}" + (f" ({why})" if why else ""))
 
     def save() -> None:
         if world.is_main:
@@ -257,7 +263,8 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
                 "epoch": state.epoch,
                 "elapsed": state.elapsed,
                 "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
+                "skipped": state.skipped,
+                **precision.state_dict(),
                 "config": json.dumps(cfg.to_dict()),
             }
             ckpt.save_checkpoint(out, model, training_state, {**metadata, **descriptive})
@@ -283,8 +290,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
                 seed=cfg.seed,
                 world=world,
                 device=device,
-                amp_dtype=amp_dtype,
-                scaler=scaler,
+                precision=precision,
                 clip_grad=cfg.clip_grad,
                 max_steps=cfg.max_steps,
                 time_budget=time_budget,
@@ -300,10 +306,8 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             save()
     except NonFiniteLoss as exc:
         save()
-        raise UserError(
-            f"stopped: {exc}; the last good state is saved in {out} (resume with --resume after lowering "
-            "--blr or setting --clip-grad)"
-        ) from exc
+        causes = "; ".join(nonfinite_causes(cfg, model, precision))
+        raise UserError(f"stopped: {exc}; the last good state is saved in {out}. Likely causes: {causes}") from exc
     finally:
         if logger is not None:
             logger.close()
@@ -322,6 +326,20 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         seen = state.step * total_batch
         print(f"done at step {state.step} ({seen} images, {state.elapsed:.0f} s); backbone exported to {export_path}")
     return export_path
+
+
+def nonfinite_causes(cfg: PretrainConfig, model: nn.Module, precision: Precision) -> list[str]:
+    """What makes this run's loss NaN or infinite, most specific first, each with its fix."""
+    causes = []
+    if precision.input_scale is not None:
+        causes.append("fp16 overflows at every loss scale (use --amp bf16 or none)")
+    if isinstance(model, EnergyModel):
+        causes.append(
+            f"the input gradient dE/dx exploded (alpha is {model.alpha.item():.3g}; lower --head-init-std or "
+            "--alpha-init, or set --clip-grad)"
+        )
+    causes.append("a learning rate too high for this model and batch (lower --blr or set --clip-grad)")
+    return causes
 
 
 def held_out_images(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch.Tensor:

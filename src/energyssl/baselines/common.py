@@ -54,6 +54,8 @@ def blockwise_split(
     until round(ratio * n) patches are, then trimmed or filled at random to that count."""
     rows, cols = grid
     n = rows * cols
+    if generator is not None and generator.device.type != "cpu":  # the loop below draws on the host
+        generator = torch.Generator().manual_seed(int(uniform((1,), generator, device).item() * 2**62))
     target = min(n - 1, max(1, round(ratio * n)))
     masks = []
     for _ in range(batch):
@@ -126,7 +128,7 @@ class LightDecoder(nn.Module):
         x = self.embed(latent)
         cls, tokens = x[:, :1], x[:, 1:]
         if visible is not None:
-            full = self.mask_token.expand(len(x), self.num_patches, -1)
+            full = self.mask_token.to(tokens.dtype).expand(len(x), self.num_patches, -1)  # bf16 under autocast
             tokens = full.scatter(1, visible.unsqueeze(-1).expand(-1, -1, x.shape[-1]), tokens)
         if self.positions is not None:
             tokens = tokens + self.positions

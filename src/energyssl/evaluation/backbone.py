@@ -18,9 +18,8 @@ from torch import nn
 
 from ..checkpoint import BACKBONE, LATEST, WEIGHTS, describe_mismatch, find_checkpoint, read_metadata
 from ..errors import UserError
-from ..models import backbone_kwargs, create_backbone
+from ..models import DEFAULT_MODEL, backbone_kwargs, create_backbone, default_patch_size
 
-DEFAULT_MODEL = "essl_vit_mini_patch7"
 ENERGY_PREFIX = "backbone."
 
 
@@ -69,6 +68,7 @@ def build_classifier(
     """A timm classifier with ``num_classes`` outputs, initialised from ``init`` (or 'none')."""
     if init == "none":
         name = model_name or DEFAULT_MODEL
+        patch_size = patch_size or default_patch_size(name, img_size)
         model = create_backbone(name, img_size=img_size, in_chans=in_chans, patch_size=patch_size, **model_args)
         model.reset_classifier(num_classes)
         return model, name, Initialisation(None, None, 0)

@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from ..config import FinetuneConfig
 from ..data import DataInfo, TransformedDataset, eval_transform
-from ..distributed import amp_dtype_for
+from ..distributed import World, loader_workers
 from ..engine import cosine_lr
 from ..errors import UserError
 from ..metrics import MetricsLogger
+from ..precision import Precision, amp_dtype_for
 from .common import prepare, results_record
 from .results import evaluate_classifier, summary_line, write_results
 
@@ -58,6 +59,17 @@ def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> t
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, layer_decay=decay)
 
 
+def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward and step; under fp16 through GradScaler, which skips steps that overflow."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.eval_every < 1 or cfg.epochs < 1:
         raise UserError(f"epochs and eval_every must be >= 1, got {cfg.epochs} and {cfg.eval_every}")
@@ -68,17 +80,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     batch = min(cfg.batch_size, len(data.train) // 2 * 2)
     if batch < 2:
         raise UserError(f"only {len(data.train)} labeled image(s): raise --label-fraction")
+    workers, pin = loader_workers(cfg.num_workers, device, World()), device.type == "cuda"
     train_loader = DataLoader(
         TransformedDataset(data.train, finetune_transform(data.info, data.img_size, cfg)),
         batch_size=batch,
         shuffle=True,
         drop_last=True,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
+        pin_memory=pin,
     )
     test_loader = DataLoader(
         TransformedDataset(data.test, eval_transform(data.info, data.img_size)),
         batch_size=256,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
+        pin_memory=pin,
     )
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -102,7 +117,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         total_steps=cfg.epochs * steps_per_epoch,
     )
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    amp_dtype = amp_dtype_for(cfg.amp, device)
+    precision = Precision.build(amp_dtype_for(cfg.amp, device), device, energy=False)
     logger = MetricsLogger(setup.out, tensorboard=cfg.tensorboard)
     print(
         f"fine-tuning {setup.model_name} on {len(data.train)} labeled images of {cfg.data} "
@@ -118,16 +133,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step) * group.get("lr_scale", 1.0)
-            images, targets = images.to(device), targets.to(device)
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mixup is not None:
                 images, targets = mixup(images, targets)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with precision.autocast(device):
                 loss = criterion(model(images), targets)
             if not torch.isfinite(loss):
                 raise UserError(f"fine-tuning loss is {loss.item()} at step {step}; lower --blr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaled_step(loss, optimizer, precision.scaler)
             if ema is not None:
                 ema.update(model, step=step)
             step += 1

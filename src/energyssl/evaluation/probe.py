@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write, read_metadata
 from ..config import ProbeConfig
 from ..data import TransformedDataset, eval_transform
+from ..distributed import World, loader_workers
 from ..engine import cosine_lr
 from ..errors import UserError
 from .common import prepare, results_record
@@ -38,12 +39,20 @@ def patch_tokens(model: nn.Module, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def has_patch_tokens(model: nn.Module, in_chans: int, img_size: int, device: torch.device) -> bool:
+    """Whether ``model`` gives tokens to attend over (one probe image, on the model's device,
+    in eval mode so a BatchNorm accepts a batch of one)."""
+    model.eval()
+    return patch_tokens(model, torch.zeros(1, in_chans, img_size, img_size, device=device)).shape[1] >= 1
+
+
+@torch.no_grad()
 def extract(model: nn.Module, loader: DataLoader, device: torch.device, tokens: bool) -> tuple[Tensor, Tensor]:
     """Pooled features (or patch tokens, in float16 to save memory) and labels of a whole split."""
     model.eval()
     feats, labels = [], []
     for images, targets in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
-        images = images.to(device)
+        images = images.to(device, non_blocking=True)
         if tokens:
             feats.append(patch_tokens(model, images).half().cpu())
         else:
@@ -148,11 +157,14 @@ def probe(cfg: ProbeConfig) -> dict:
     device, data, model = setup.device, setup.data, setup.model
     classes = data.info.num_classes
     tokens = cfg.protocol == "attentive"
-    if tokens and patch_tokens(model, torch.zeros(1, data.info.in_chans, data.img_size, data.img_size)).shape[1] < 1:
+    if tokens and not has_patch_tokens(model, data.info.in_chans, data.img_size, device):
         raise UserError(f"{setup.model_name} gives no patch tokens for the attentive probe")
     transform = eval_transform(data.info, data.img_size)
+    workers = loader_workers(cfg.num_workers, device, World())
     loaders = {
-        split: DataLoader(TransformedDataset(ds, transform), batch_size=256, num_workers=cfg.num_workers)
+        split: DataLoader(
+            TransformedDataset(ds, transform), batch_size=256, num_workers=workers, pin_memory=device.type == "cuda"
+        )
         for split, ds in (("train", data.train), ("test", data.test))
     }
     key = ":".join(

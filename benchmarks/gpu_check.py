@@ -1,0 +1,456 @@
+"""Device check: the paper's setting (ViT at 224 px, colour, bf16 / fp16) on one GPU, in one script
+that needs nothing beyond torch (2.4 or newer), timm and safetensors.
+
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --out DIR     # a GPU machine, under 8 minutes
+    python benchmarks/gpu_check.py --smoke --out DIR              # the same code paths on CPU, tiny
+
+It writes ``gpu_check.json`` and ``gpu_check.md`` in DIR (after every section, so a run cut
+short keeps what it measured):
+
+1. versions, GPU, and the measured bf16 matmul rate (the ceiling);
+2. the step cost of each method at ViT-B/16, 224 px, batch 64, in bf16 and float32: img/s, peak
+   memory, FLOPs per image (``torch.utils.flop_counter``, double backward included), achieved
+   TFLOP/s and its share of the ceiling; from it the predicted time of the paper's schedules;
+3. fast vs exact parameter gradient (cosine) with TF32 on and off;
+4. peak memory of each corruption at 224 px, batch 256;
+5. 128 steps of pretraining at 224 px (the embedded images, resized, 3 channels, in an
+   ImageNet-layout folder) in bf16 exact, fp16 exact and float32 fast, from the ViT-S/16 config;
+6. ``finetune`` (fp16) and the four probes for a few steps on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+import energyssl.energy as energy_module
+from energyssl import EnergyModel, create_backbone
+from energyssl.baselines import build_baseline
+from energyssl.cli import main as cli
+from energyssl.config import PretrainConfig
+from energyssl.corruptions import TASKS, build_corruption
+from energyssl.data import load_dataset
+from energyssl.distributed import World
+from energyssl.engine import train_step
+from energyssl.metrics import read_metrics
+from energyssl.objective import build_objective, freeze_unreached_parameters
+from energyssl.precision import Precision
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_IMAGES = 1_281_167
+# The paper's efficiency table (Table 4.1, right): GPUs, hours, epochs, ImageNet top-1 (ViT-B).
+PAPER_RUNS = {
+    "energy (800 epochs)": (8, 175, 800, 83.5),
+    "MAE (1600 epochs)": (8, 288, 1600, 83.6),
+    "MAE (400 epochs)": (8, 72, 400, 83.1),
+}
+STEP_METHODS = (
+    ("supervised", "bf16"), ("energy K=1 exact", "bf16"), ("energy K=2 exact", "bf16"), ("mae", "bf16"),
+    ("cae", "bf16"), ("supervised", "fp32"), ("energy K=1 exact", "fp32"), ("energy K=2 exact", "fp32"),
+    ("energy K=1 fast", "fp32"), ("energy K=2 fast", "fp32"), ("mae", "fp32"), ("cae", "fp32"),
+)  # fmt: skip
+
+
+@dataclass
+class Scale:
+    """The sizes of one check: the real one, or ``--smoke`` on a CPU."""
+
+    device: str
+    matmul: int
+    step_model: str
+    step_batch: int
+    step_iters: int
+    img_size: int
+    fidelity_model: str
+    fidelity_batch: int
+    corruption_batch: int
+    pretrain_model: str
+    pretrain_steps: int
+    pretrain_batch: int
+    folder_images: int
+    eval_steps: int
+
+
+REAL = Scale("cuda", 8192, "vit_base_patch16_224", 64, 5, 224, "vit_small_patch16_224", 16, 256,
+             "vit_small_patch16_224", 128, 64, 1024, 10)  # fmt: skip
+SMOKE = Scale("cpu", 256, "essl_vit_micro_patch7", 4, 1, 28, "essl_vit_micro_patch7", 4, 8,
+              "essl_vit_micro_patch7", 3, 8, 48, 2)  # fmt: skip
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment(scale: Scale) -> dict[str, Any]:
+    """Versions, device, and the bf16 matmul rate: mean of 10 products after 3 warm-ups."""
+    import timm
+
+    n = scale.matmul
+    a = torch.randn(n, n, device=scale.device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=scale.device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(scale.device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    synchronize(scale.device)
+    seconds = (time.perf_counter() - start) / 10
+    cuda = scale.device == "cuda"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
+        "bf16_matmul_tflops": 2 * n**3 / seconds / 1e12,
+    }
+
+
+def method_step(method: str, scale: Scale, precision: Precision) -> tuple[Callable[[], None], torch.nn.Module]:
+    """A closure running one production training step of ``method`` (ViT, 224 px, colour)."""
+    device = torch.device(scale.device)
+    torch.manual_seed(0)
+    images = torch.randn(scale.step_batch, 3, scale.img_size, scale.img_size, device=device)
+    backbone = create_backbone(scale.step_model, img_size=scale.img_size, in_chans=3)
+    if method == "supervised":
+        backbone.reset_classifier(1000)
+        model = backbone.to(device)
+        labels = torch.randint(0, 1000, (len(images),), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def supervised() -> None:
+            with precision.autocast(device):
+                loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return supervised, model
+    if method.startswith("energy"):
+        _, k, grad_mode = method.split()
+        energy = EnergyModel(backbone, head_init_std=PretrainConfig.head_init_std, grad_mode=grad_mode)
+        model = build_objective(energy.to(device), "mixed", {}, 3, MEAN, STD)
+        freeze_unreached_parameters(model, images[:2])
+        steps = int(k[2:])
+    else:
+        model, steps = build_baseline(method, backbone, "mixed", {}, {}, 3, MEAN, STD).to(device), 1
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator(device=device).manual_seed(0)
+    return lambda: train_step(model, images, generator, optimizer, precision, steps, None, World(), 0), model
+
+
+class FlopCount(TorchDispatchMode):
+    """Sums ``torch.utils.flop_counter``'s FLOP formulas over every op dispatched, backward and
+    double backward included. (FlopCounterMode itself tracks modules with backward hooks, which
+    ``autograd.grad`` on an input refuses.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+def step_costs(scale: Scale, ceiling: float) -> list[dict[str, Any]]:
+    """Every method's step cost; one that fails (out of memory, say) is a row with its error."""
+    rows = []
+    for method, amp in STEP_METHODS:
+        try:
+            rows.append(step_cost(method, amp, scale, ceiling))
+        except Exception as exc:
+            rows.append({"method": method, "amp": amp, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        gc.collect()
+        if scale.device == "cuda":
+            torch.cuda.empty_cache()
+        print(rows[-1], flush=True)
+    return rows
+
+
+def step_cost(method: str, amp: str, scale: Scale, ceiling: float) -> dict[str, Any]:
+    """img/s (median of ``step_iters`` timed steps after 2 warm-ups), peak memory, FLOPs."""
+    device = torch.device(scale.device)
+    dtype = torch.bfloat16 if amp == "bf16" else None
+    step, _ = method_step(method, scale, Precision(dtype))
+    if scale.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(scale.step_iters):
+        synchronize(scale.device)
+        start = time.perf_counter()
+        step()
+        synchronize(scale.device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    with FlopCount() as counter:
+        step()
+    flops = counter.total / scale.step_batch
+    tflops = flops * scale.step_batch / seconds / 1e12
+    return {
+        "method": method, "amp": amp, "img_per_s": scale.step_batch / seconds, "peak_gb": peak,
+        "gflops_per_image": flops / 1e9, "tflops": tflops, "share_of_ceiling": tflops / ceiling,
+    }  # fmt: skip
+
+
+def predicted_hours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Wall time of the paper's schedules on 8 such GPUs at the measured img/s (perfect scaling,
+    no data-loading stalls: a lower bound), beside the paper's hours."""
+    rate = {(r["method"], r["amp"]): r["img_per_s"] for r in rows if "img_per_s" in r}
+    out = []
+    for name, (gpus, hours, epochs, top1) in PAPER_RUNS.items():
+        ours = ("energy K=2 exact", "bf16") if name.startswith("energy") else ("mae", "bf16")
+        if ours in rate:
+            predicted = epochs * IMAGENET_IMAGES / (rate[ours] * gpus) / 3600
+            out.append({"run": name, "measured_as": " ".join(ours), "gpus": gpus, "paper_hours": hours,
+                        "predicted_hours": predicted, "paper_top1": top1})  # fmt: skip
+    return out
+
+
+def parameter_gradient(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    model(images, torch.Generator(device=images.device).manual_seed(0), steps=1).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None and p.ndim > 0]).double()
+
+
+def fidelity(scale: Scale) -> list[dict[str, Any]]:
+    """Cosine of fast mode's parameter gradient to exact mode's (TF32 off, the reference),
+    with the float32 guard (the default) and without it under TF32."""
+    device = torch.device(scale.device)
+    torch.manual_seed(0)
+    images = torch.randn(scale.fidelity_batch, 3, scale.img_size, scale.img_size, device=device)
+    backbone = create_backbone(scale.fidelity_model, img_size=scale.img_size, in_chans=3)
+    energy = EnergyModel(backbone, head_init_std=PretrainConfig.head_init_std, grad_mode="exact").to(device)
+    model = build_objective(energy, "masking", {}, 3, MEAN, STD)
+    freeze_unreached_parameters(model, images[:2])
+    rows = []
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        energy.grad_mode = "exact"
+        exact = parameter_gradient(model, images)
+        if not tf32:
+            reference = exact
+        energy.grad_mode = "fast"
+        guarded = parameter_gradient(model, images)
+        with contextlib.ExitStack() as stack:  # what fast mode would give without its float32 guard
+            stack.enter_context(_patched(energy_module, "full_float32", contextlib.nullcontext))
+            unguarded = parameter_gradient(model, images)
+        for name, grad in (("exact", exact), ("fast (float32 guard)", guarded), ("fast without guard", unguarded)):
+            cosine = F.cosine_similarity(grad, reference, dim=0).item()
+            rows.append({"tf32": tf32, "gradient": name, "cosine_to_exact_fp32": cosine})
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch's defaults
+    return rows
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def corruption_memory(scale: Scale) -> list[dict[str, Any]]:
+    """Peak memory of each corruption on a batch at 224 px, beyond the batch itself."""
+    device = torch.device(scale.device)
+    images = torch.randn(scale.corruption_batch, 3, scale.img_size, scale.img_size, device=device)
+    rows = []
+    for task in TASKS:
+        corruption = build_corruption(task, {}, in_chans=3, mean=MEAN, std=STD)
+        generator = torch.Generator(device=device).manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        corruption(images, generator)
+        extra = (torch.cuda.max_memory_allocated() - base) / images.nbytes if device.type == "cuda" else None
+        rows.append({"task": task, "peak_over_batch": extra})
+    return rows
+
+
+def image_folder(root: Path, count: int, size: int) -> Path:
+    """The embedded Fashion-MNIST images, resized to ``size`` and made RGB, as train/ and val/
+    class folders (the ImageNet layout)."""
+    data = load_dataset("embedded", train=True)
+    for i in range(count):
+        image, label = data[i]
+        split = "val" if i % 8 == 0 else "train"
+        folder = root / split / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.convert("RGB").resize((size, size)).save(folder / f"{i}.png")
+    return root
+
+
+def quiet_cli(args: list[str]) -> tuple[int, str]:
+    """Run an ``energyssl`` command, capturing what it prints."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        code = cli(args)
+    return code, buffer.getvalue()
+
+
+def pretraining(scale: Scale, folder: Path, work: Path) -> list[dict[str, Any]]:
+    """The ViT-S/16 config, shortened to ``pretrain_steps`` steps (warmup and cosine span them)."""
+    per_epoch = int(0.875 * scale.folder_images) // scale.pretrain_batch
+    epochs = -(-scale.pretrain_steps // per_epoch)
+    rows = []
+    for amp, grad_mode in (("bf16", "exact"), ("fp16", "exact"), ("none", "fast")):
+        out = work / f"pretrain-{amp}-{grad_mode}"
+        args = ["pretrain", "--config", "configs/vit_small_patch16_pretrain.yaml", "--data", str(folder)]
+        args += ["--model", scale.pretrain_model, "--img-size", str(scale.img_size), "--device", scale.device]
+        args += ["--amp", amp, "--grad-mode", grad_mode, "--batch-size", str(scale.pretrain_batch)]
+        args += ["--epochs", str(epochs), "--max-steps", str(scale.pretrain_steps), "--warmup-epochs", "1"]
+        args += ["--blr", "1.5e-3", "--log-every", "1", "--no-tensorboard", "--out", str(out)]
+        start = time.perf_counter()
+        code, printed = quiet_cli(args)
+        losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")] if code == 0 else []
+        tenth = max(1, len(losses) // 10)
+        first, last = (sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth) if losses else (None, None)
+        finite = bool(losses) and all(torch.isfinite(torch.tensor(losses)).tolist())
+        rows.append({
+            "amp": amp, "grad_mode": grad_mode, "exit": code, "logged_steps": len(losses),
+            "loss_first_tenth": first, "loss_last_tenth": last, "finite": finite,
+            "lower_at_end": finite and last < first, "seconds": time.perf_counter() - start,
+            "output_tail": printed[-600:] if code else "",
+        })  # fmt: skip
+    return rows
+
+
+def evaluation(scale: Scale, folder: Path, work: Path) -> list[dict[str, Any]]:
+    """``finetune`` in fp16 (GradScaler) and each probe, a few steps, from the bf16 run."""
+    init = work / "pretrain-bf16-exact"
+    common = ["--data", str(folder), "--init", str(init), "--device", scale.device, "--no-tensorboard"]
+    commands = {"finetune fp16": ["finetune", "--amp", "fp16", "--epochs", "1", "--batch-size", "32"]}
+    commands["finetune fp16"] += ["--max-steps", str(scale.eval_steps)]
+    for protocol in ("linear", "mlp", "knn", "attentive"):
+        commands[f"probe {protocol}"] = ["probe", "--protocol", protocol, "--epochs", "1"]
+        commands[f"probe {protocol}"] += ["--max-steps", str(scale.eval_steps)]
+    rows = []
+    for name, args in commands.items():
+        out = work / name.replace(" ", "-")
+        code, printed = quiet_cli([*args, *common, "--out", str(out)])
+        top1 = json.loads((out / "results.json").read_text())["metrics"]["top1"] if code == 0 else None
+        rows.append({"command": name, "exit": code, "top1": top1, "output_tail": printed[-600:] if code else ""})
+    return rows
+
+
+def report(results: dict[str, Any]) -> str:
+    """gpu_check.md: every section as a table."""
+    env = results.get("environment", {})
+    lines = ["# Device check (benchmarks/gpu_check.py)", ""]
+    lines += [f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in env.items()]
+    sections = {
+        "step_cost": ("Step cost, one training step", ["method", "amp", "img_per_s", "peak_gb", "gflops_per_image",
+                                                     "tflops", "share_of_ceiling", "error"]),
+        "predicted": ("The paper's schedules on 8 such GPUs at the measured rate (a lower bound)",
+                      ["run", "measured_as", "gpus", "paper_hours", "predicted_hours", "paper_top1"]),
+        "fidelity": ("Fast vs exact parameter gradient (cosine to exact mode in float32 with TF32 off)",
+                     ["tf32", "gradient", "cosine_to_exact_fp32"]),
+        "corruption_memory": ("Peak memory of each corruption, as a multiple of the batch's own size",
+                              ["task", "peak_over_batch"]),
+        "pretraining": ("Pretraining from the ViT-S/16 config on the embedded images at 224 px",
+                        ["amp", "grad_mode", "exit", "logged_steps", "loss_first_tenth", "loss_last_tenth",
+                         "finite", "lower_at_end", "seconds"]),
+        "evaluation": ("Fine-tuning and probes on the device", ["command", "exit", "top1"]),
+    }  # fmt: skip
+    for key, (title, columns) in sections.items():
+        value = results.get(key)
+        if value is None:
+            continue
+        lines += ["", f"## {title}", ""]
+        if isinstance(value, dict) and "error" in value:
+            lines.append(f"failed: {value['error']}")
+            continue
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in value]
+    if "auto_rule" in results:
+        lines += ["", "## --grad-mode auto on this GPU", "", results["auto_rule"]]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return "-" if value is None else str(value)
+
+
+def auto_rule(rows: list[dict[str, Any]]) -> str:
+    """Which of (exact, bf16) and (fast, float32) trains more images per second, per K."""
+    rate = {(r["method"], r["amp"]): r["img_per_s"] for r in rows if "img_per_s" in r}
+    lines = []
+    for k in (1, 2):
+        exact, fast = rate.get((f"energy K={k} exact", "bf16")), rate.get((f"energy K={k} fast", "fp32"))
+        if exact and fast:
+            winner = "exact bf16" if exact >= fast else "fast float32"
+            lines.append(f"K={k}: exact bf16 {exact:.0f} img/s, fast float32 {fast:.0f} img/s: {winner} is faster.")
+    return " ".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: checks the code paths only")
+    args = parser.parse_args()
+    scale = SMOKE if args.smoke else REAL
+    if scale.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or pass --smoke")
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"smoke": args.smoke, "scale": vars(scale)}
+
+    def section(name: str, run: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            results[name] = run()
+        except Exception as exc:  # keep the other sections: one run of the device is all there may be
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+        (out / "gpu_check.md").write_text(report(results))
+        return results[name]
+
+    env = section("environment", lambda: environment(scale))
+    ceiling = env.get("bf16_matmul_tflops", float("nan"))
+    costs = section("step_cost", lambda: step_costs(scale, ceiling))
+    if isinstance(costs, list):
+        section("predicted", lambda: predicted_hours(costs))
+        results["auto_rule"] = auto_rule(costs)
+    section("fidelity", lambda: fidelity(scale))
+    section("corruption_memory", lambda: corruption_memory(scale))
+    folder = image_folder(work / "images", scale.folder_images, scale.img_size)
+    section("pretraining", lambda: pretraining(scale, folder, work))
+    section("evaluation", lambda: evaluation(scale, folder, work))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
