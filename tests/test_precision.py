@@ -112,3 +112,24 @@ def test_auto_precision_rule():
 def test_pretrain_says_which_precision_it_chose_and_why(tmp_path, capsys):
     assert main(["pretrain", *TINY, "--max-steps", "1", "--out", str(tmp_path / "run")]) == 0
     assert "precision: fast gradient, float32 (float32: fast mode costs less" in capsys.readouterr().out
+
+
+def test_alpha_is_calibrated_so_the_first_step_covers_half_the_corruption():
+    model = tiny_vit()
+    objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
+    images = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(0))
+    alpha = objective.calibrate_alpha(images)
+    corrupted = objective.corruption(images, torch.Generator().manual_seed(0))
+    step = alpha * model.energy_grad(corrupted)
+    rms = lambda x: x.pow(2).mean().sqrt().item()  # noqa: E731
+    assert alpha == pytest.approx(model.alpha.item()) and alpha != pytest.approx(1.0, rel=0.05)
+    assert rms(step) == pytest.approx(0.5 * rms(corrupted - images), rel=1e-4)
+
+
+def test_pretrain_calibrates_alpha_unless_given(tmp_path, capsys):
+    base = ["pretrain", *TINY, "--max-steps", "1", "--log-every", "1"]
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    assert "alpha starts at" in capsys.readouterr().out
+    assert main([*base, "--alpha-init", "2", "--out", str(tmp_path / "fixed")]) == 0
+    assert "alpha starts at" not in capsys.readouterr().out
+    assert read_metrics(tmp_path / "fixed" / "metrics.jsonl")[0]["alpha"] == pytest.approx(2.0, rel=1e-2)

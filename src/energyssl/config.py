@@ -93,7 +93,11 @@ class PretrainConfig(CommonConfig):
         "stop after this many minutes of training steps; the lr schedule then follows the share of the budget "
         "spent, shaped as if it were --epochs epochs (which still cap the run)",
     )
-    alpha_init: float = _opt(1.0, "initial step size alpha (learned, kept positive)")
+    alpha_init: float | None = _opt(
+        None,
+        "initial step size alpha (learned, kept positive); default: set on the first batch so that the first "
+        "step covers half the corruption (dE/dx shrinks as images grow)",
+    )
     head_init_std: float = _opt(10.0, "energy head init: std * 1/sqrt(features); larger starts with a usable dE/dx")
     langevin_std: float = _opt(0.0, "std of Gaussian noise added at each restoration step (Langevin style)")
     loss: str = _opt("mse", "restoration loss: mse or smooth_l1")

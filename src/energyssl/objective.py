@@ -64,6 +64,13 @@ class PretextObjective(nn.Module):
         table = self.table.to(images)
         return sorting_restoration(self.model, self.sorting, table, images, generator, steps, grad_scale)
 
+    def calibrate_alpha(self, images: Tensor) -> float:
+        """Start alpha at the size of this data's corruptions (see
+        :meth:`EnergyModel.calibrate_alpha`); sorting alone keeps its alpha."""
+        if self.corruption is None:
+            return self.model.alpha.item()
+        return self.model.calibrate_alpha(self.corruption(images, torch.Generator().manual_seed(0)), images)
+
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, steps: int = 2, grad_scale: float = 1.0
     ) -> Restoration:

@@ -18,7 +18,7 @@ from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions
 from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, load_held_out, pretrain_transform
 from .distributed import World, cleanup, init_distributed, loader_workers, resolve_device, seed_everything
-from .energy import GRAD_MODES, EnergyModel, non_smooth_layers
+from .energy import DEFAULT_ALPHA, GRAD_MODES, EnergyModel, non_smooth_layers
 from .engine import (
     NonFiniteLoss,
     TrainState,
@@ -55,7 +55,7 @@ def validate(cfg: PretrainConfig) -> None:
         (cfg.time_budget is None or cfg.time_budget > 0, f"time_budget must be > 0 minutes, got {cfg.time_budget}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.alpha_init > 0, f"alpha_init must be > 0, got {cfg.alpha_init}"),
+        (cfg.alpha_init is None or cfg.alpha_init > 0, f"alpha_init must be > 0, got {cfg.alpha_init}"),
         (isinstance(cfg.corruption, dict), "corruption must be a mapping of task name to parameters"),
         (len(cfg.crop_scale) == 2, f"crop_scale must be two numbers, got {cfg.crop_scale}"),
     ]
@@ -95,8 +95,8 @@ def build_model(
     objective, or a baseline, which is both."""
     if cfg.method == "energy":
         model = EnergyModel(
-            backbone, alpha_init=cfg.alpha_init, head_init_std=cfg.head_init_std, langevin_std=cfg.langevin_std,
-            loss=cfg.loss, grad_mode=grad_mode,
+            backbone, alpha_init=cfg.alpha_init or DEFAULT_ALPHA, head_init_std=cfg.head_init_std,
+            langevin_std=cfg.langevin_std, loss=cfg.loss, grad_mode=grad_mode,
         )  # fmt: skip
         return model, build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
     baseline = build_baseline(
@@ -206,6 +206,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     channels_last_if_cnn(model.to(device), device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
     dead = freeze_unreached_parameters(objective, example)
+    if cfg.alpha_init is None and not cfg.resume and isinstance(objective, PretextObjective):
+        alpha = objective.calibrate_alpha(example)  # before DDP, which then broadcasts rank 0's
+        if world.is_main:
+            print(f"alpha starts at {alpha:.3g}: the first step covers half the corruption of a batch")
 
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
