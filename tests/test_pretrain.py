@@ -1,5 +1,6 @@
 """The `pretrain` command end to end on the embedded data with a one-block ViT."""
 
+import argparse
 import json
 import os
 import signal
@@ -207,3 +208,23 @@ def test_loader_workers_default_to_the_cpus_on_a_gpu_only():
         assert loader_workers(None, torch.device("cuda"), World()) == 8
         with mock.patch("torch.cuda.device_count", return_value=8):
             assert loader_workers(None, torch.device("cuda"), World(size=8)) == 1
+
+
+@pytest.mark.parametrize("size", ["small", "base"])
+def test_paper_configs_are_valid_and_run(tmp_path, size):
+    """The paper's recipes parse and validate; the pretraining one runs a step on small stand-ins."""
+    from energyssl.config import FinetuneConfig, PretrainConfig, add_arguments, resolve
+    from energyssl.pretrain import validate
+
+    configs = Path(__file__).parent.parent / "configs"
+    for kind, cls in (("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, cls)
+        cfg = resolve(parser.parse_args(["--config", str(configs / f"vit_{size}_patch16_{kind}.yaml")]), cls)
+        assert cfg.img_size == 224 and cfg.weight_decay == 0.05
+        if kind == "pretrain":
+            validate(cfg)
+            assert (cfg.task, cfg.steps, cfg.blr, cfg.amp) == ("mixed", 2, 1e-4, "bf16")
+    args = ["pretrain", "--config", str(configs / f"vit_{size}_patch16_pretrain.yaml"), "--data", "embedded"]
+    args += ["--model", "essl_vit_micro_patch7", "--img-size", "28", "--amp", "none", "--batch-size", "8"]
+    assert main([*args, "--max-steps", "1", "--no-tensorboard", "--out", str(tmp_path / "run")]) == 0
