@@ -133,3 +133,11 @@ def test_pretrain_calibrates_alpha_unless_given(tmp_path, capsys):
     assert main([*base, "--alpha-init", "2", "--out", str(tmp_path / "fixed")]) == 0
     assert "alpha starts at" not in capsys.readouterr().out
     assert read_metrics(tmp_path / "fixed" / "metrics.jsonl")[0]["alpha"] == pytest.approx(2.0, rel=1e-2)
+
+
+def test_attentive_probe_checks_tokens_on_the_models_device_in_eval_mode(tmp_path):
+    """The token check sends one image through the model: on its device, and in eval mode so a
+    CNN's BatchNorm accepts a batch of one."""
+    args = ["probe", "--protocol", "attentive", "--model", "essl_resnet_tiny", "--label-fraction", "0.02"]
+    args += ["--epochs", "1", "--max-steps", "2", "--device", "cpu", "--no-tensorboard", "--out", str(tmp_path)]
+    assert main(args) == 0
