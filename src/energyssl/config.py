@@ -86,7 +86,8 @@ class PretrainConfig(CommonConfig):
     grad_mode: str = _opt(
         "auto",
         "parameter gradient of the energy objective: exact (double backward), fast (finite difference of two "
-        "backward passes; float32, smooth backbones such as ViTs and ConvNeXts), or auto (fast where it applies)",
+        "backward passes; float32, smooth backbones such as ViTs and ConvNeXts), or auto (fast float32 on CPUs, "
+        "exact bf16 on GPUs, exact for kinked backbones; printed at start with the reason)",
     )
     time_budget: float | None = _opt(
         None,
