@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def _pretrain(cfg: Any) -> None:
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

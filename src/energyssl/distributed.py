@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,3 +99,66 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def random_states(world: World) -> list[dict[str, Any]]:
+    """Every process's random states (torch CPU and CUDA, numpy, Python), rank by rank, for a
+    checkpoint: dropout, drop-path and Langevin noise then continue as if never interrupted.
+    A collective call under DDP."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not world.distributed:
+        return [state]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_random_states(states: list[dict[str, Any]], world: World) -> None:
+    """Restore this process's share of :func:`random_states` (same number of processes)."""
+    if len(states) != world.size:
+        raise ValueError(f"the checkpoint holds random states of {len(states)} process(es), this run has {world.size}")
+    state = states[world.rank]
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM ask the run to stop after the current step (which then
+    saves a checkpoint) instead of killing it; a second SIGINT stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_agreed(asked: bool, world: World) -> bool:
+    """Whether any process was asked to stop, so that all stop at the same step."""
+    return max_across(float(asked), world) > 0 if world.distributed else asked

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .corruptions import Corruption
-from .distributed import World, all_finite, max_across, mean_across
+from .distributed import World, all_finite, max_across, mean_across, stop_agreed
 from .energy import EnergyModel, Restoration
 from .precision import Precision
 from .sorting import PatchSorting, restore_positions, sorting_accuracy
@@ -70,11 +70,13 @@ def train_one_epoch(
     log_every: int = 10,
     on_checkpoint: Callable[[], None] | None = None,
     save_every: int = 0,
-) -> None:
+    stop_asked: Callable[[], bool] | None = None,
+) -> bool:
     """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps
     (fp16 steps skipped for an overflow included, as GradScaler counts them).
     ``objective`` is a :class:`PretextObjective`, possibly wrapped in DDP. Stops early at
-    ``max_steps`` or when ``state.elapsed`` reaches ``time_budget`` seconds."""
+    ``max_steps``, when ``state.elapsed`` reaches ``time_budget`` seconds, or after the step
+    during which ``stop_asked`` became true on any process; returns whether it stopped so."""
     precision = precision or Precision()
     objective.train()
     bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
@@ -107,7 +109,11 @@ def train_one_epoch(
         if on_checkpoint is not None and save_every and state.step % save_every == 0:
             on_checkpoint()
         step_start = time.perf_counter()  # checkpoints do not count against the budget
+        if stop_asked is not None and stop_agreed(stop_asked(), world):
+            bar.close()
+            return True
     bar.close()
+    return False
 
 
 def train_step(

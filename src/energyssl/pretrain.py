@@ -16,8 +16,26 @@ from . import checkpoint as ckpt
 from .baselines import METHODS, build_baseline
 from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions
-from .data import DataInfo, TransformedDataset, eval_transform, load_dataset, load_held_out, pretrain_transform
-from .distributed import World, cleanup, init_distributed, loader_workers, resolve_device, seed_everything
+from .data import (
+    DataInfo,
+    EpochSampler,
+    SeededAugmentation,
+    eval_transform,
+    load_dataset,
+    load_held_out,
+    pretrain_transform,
+)
+from .distributed import (
+    StopRequest,
+    World,
+    cleanup,
+    init_distributed,
+    loader_workers,
+    random_states,
+    resolve_device,
+    seed_everything,
+    set_random_states,
+)
 from .energy import DEFAULT_ALPHA, GRAD_MODES, EnergyModel, non_smooth_layers
 from .engine import (
     NonFiniteLoss,
@@ -29,7 +47,7 @@ from .engine import (
     restoration_blocks,
     train_one_epoch,
 )
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone, default_patch_size
 from .objective import SORTING, PretextObjective, build_objective, freeze_unreached_parameters
@@ -128,10 +146,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 def training_data(
     cfg: PretrainConfig, dataset: Dataset, info: DataInfo, img_size: int, world: World, device: torch.device
-) -> tuple[TransformedDataset, DistributedSampler, DataLoader]:
-    """The augmented training set, this process's share of it, and its loader (full batches)."""
-    train_set = TransformedDataset(dataset, pretrain_transform(info, img_size, tuple(cfg.crop_scale)))
-    sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+) -> tuple[SeededAugmentation, EpochSampler, DataLoader]:
+    """The augmented training set, this process's share of it, and its loader (full batches).
+    Augmentation and order depend on the seed and the epoch only, and the loader draws its
+    worker seeds from its own generator, so training leaves the global random state to the
+    model (dropout), which checkpoints save."""
+    train_set = SeededAugmentation(dataset, pretrain_transform(info, img_size, tuple(cfg.crop_scale)), cfg.seed)
+    sampler = EpochSampler(
+        DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    )
     workers = loader_workers(cfg.num_workers, device, world)
     loader = DataLoader(
         train_set,
@@ -141,6 +164,7 @@ def training_data(
         drop_last=True,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     if len(loader) == 0:
         raise UserError(
@@ -182,6 +206,11 @@ def resume(
     precision.load_state_dict(saved)
     state.step, state.epoch, state.elapsed = saved["step"], saved["epoch"], saved.get("elapsed", 0.0)
     state.skipped = saved.get("skipped", 0)
+    if "random" in saved:  # absent from checkpoints written before it was saved
+        try:
+            set_random_states(saved["random"], world)
+        except ValueError as exc:
+            raise UserError(f"cannot resume {folder} exactly: {exc}") from exc
     if world.is_main:
         print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
 
@@ -261,8 +290,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         print(f"precision: {gradient}{dtype}" + (f" ({why})" if why else ""))
 
     def save() -> None:
+        states = random_states(world)  # collective under DDP
         if world.is_main:
             training_state = {
+                "random": states,
                 "step": state.step,
                 "epoch": state.epoch,
                 "elapsed": state.elapsed,
@@ -277,37 +308,31 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         if logger is not None:
             logger.log(state.step, record)
 
+    def train_epoch(epoch: int) -> bool:
+        """Train the rest of ``epoch`` (a resumed run skips the batches already trained on);
+        True when a SIGINT or SIGTERM stopped it."""
+        sampler.set_epoch(epoch)
+        done_in_epoch = state.step - epoch * steps_per_epoch
+        epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size) if done_in_epoch else loader
+        return train_one_epoch(
+            trained, epoch_loader, optimizer, lr_at, state, steps=cfg.steps, seed=cfg.seed, world=world,
+            device=device, precision=precision, clip_grad=cfg.clip_grad, max_steps=cfg.max_steps,
+            time_budget=time_budget, on_log=log, log_every=cfg.log_every, on_checkpoint=save,
+            save_every=cfg.save_every, stop_asked=lambda: stop.asked,
+        )  # fmt: skip
+
+    grids = figures is not None and held_out is not None and cfg.vis_every > 0
     try:
-        while state.epoch < cfg.epochs and not budget_spent(state, cfg.max_steps, time_budget):
-            sampler.set_epoch(state.epoch)
-            done_in_epoch = state.step - state.epoch * steps_per_epoch
-            epoch_loader = loader
-            if done_in_epoch > 0:  # resuming mid-epoch: skip the batches already trained on
-                epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size)
-            train_one_epoch(
-                trained,
-                epoch_loader,
-                optimizer,
-                lr_at,
-                state,
-                steps=cfg.steps,
-                seed=cfg.seed,
-                world=world,
-                device=device,
-                precision=precision,
-                clip_grad=cfg.clip_grad,
-                max_steps=cfg.max_steps,
-                time_budget=time_budget,
-                on_log=log,
-                log_every=cfg.log_every,
-                on_checkpoint=save,
-                save_every=cfg.save_every,
-            )
-            if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
-                state.epoch += 1
-                if figures is not None and held_out is not None and cfg.vis_every and state.epoch % cfg.vis_every == 0:
-                    save_grid(figures, cfg, held_out, info, out / "restorations" / f"epoch-{state.epoch:03d}.png")
-            save()
+        with StopRequest() as stop:
+            while state.epoch < cfg.epochs and not budget_spent(state, cfg.max_steps, time_budget):
+                stopped = train_epoch(state.epoch)
+                if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
+                    state.epoch += 1
+                    if grids and state.epoch % cfg.vis_every == 0:
+                        save_grid(figures, cfg, held_out, info, out / "restorations" / f"epoch-{state.epoch:03d}.png")
+                save()
+                if stopped:
+                    raise Interrupted(resume_hint(out, state.step, world))
     except NonFiniteLoss as exc:
         save()
         causes = "; ".join(nonfinite_causes(cfg, model, precision))
@@ -330,6 +355,15 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         seen = state.step * total_batch
         print(f"done at step {state.step} ({seen} images, {state.elapsed:.0f} s); backbone exported to {export_path}")
     return export_path
+
+
+def resume_hint(out: Path, step: int, world: World) -> str:
+    """The line printed when a signal stopped the run: where the work is and how to go on."""
+    launcher = " (under torchrun, as before)" if world.distributed else ""
+    return (
+        f"interrupted at step {step}; checkpoint saved in {out}. Resume with: "
+        f"energyssl pretrain --config {out / 'config.yaml'} --resume{launcher}"
+    )
 
 
 def nonfinite_causes(cfg: PretrainConfig, model: nn.Module, precision: Precision) -> list[str]:
@@ -384,7 +418,7 @@ def save_grid(
     save_restoration_grid(path, blocks, info.mean, info.std, title=path.stem)
 
 
-def _skip_batches(loader: DataLoader, sampler: DistributedSampler, skip_samples: int) -> DataLoader:
+def _skip_batches(loader: DataLoader, sampler: EpochSampler, skip_samples: int) -> DataLoader:
     """A loader over the same epoch order minus its first ``skip_samples`` indices."""
     indices = list(iter(sampler))[skip_samples:]
     return DataLoader(
@@ -394,4 +428,5 @@ def _skip_batches(loader: DataLoader, sampler: DistributedSampler, skip_samples:
         num_workers=loader.num_workers,
         drop_last=True,
         pin_memory=loader.pin_memory,
+        generator=loader.generator,
     )

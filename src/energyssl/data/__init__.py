@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 
 from ..errors import UserError
@@ -254,6 +255,42 @@ class TransformedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.dataset[index]
         return self.transform(image), label
+
+
+class SeededAugmentation(Dataset):
+    """A random transform whose randomness is fixed by (seed, epoch, index), never drawn from the
+    process's random state: a resumed run, and any number of loader workers, see the same crops
+    as the uninterrupted run. Indexed by the (epoch, index) pairs of :class:`EpochSampler`."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & (2**63 - 1))
+            return self.transform(image), label
+
+
+class EpochSampler(Sampler):
+    """A DistributedSampler's order as (epoch, index) pairs, for :class:`SeededAugmentation`."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def pretrain_transform(info: DataInfo, img_size: int, crop_scale: tuple[float, float] = (0.2, 1.0)):
