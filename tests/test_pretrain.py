@@ -169,6 +169,15 @@ def test_torchrun_two_processes(tmp_path):
     assert load_training_state(find_checkpoint(out))["step"] == 3
     assert Path(out / BACKBONE).exists()
 
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode != 0 and again.stderr.count("already holds a run") == 2  # both ranks, no hang
+    cmd[cmd.index("3")] = "5"
+    resumed = subprocess.run(
+        [*cmd, "--resume"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(load_training_state(find_checkpoint(out))["random"]) == 2  # each rank's random states
+
 
 def test_ddp_keeps_ranks_in_sync_through_the_double_backward():
     worker = Path(__file__).parent / "ddp_sync_worker.py"

@@ -31,6 +31,7 @@ from .distributed import (
     cleanup,
     init_distributed,
     loader_workers,
+    max_across,
     random_states,
     resolve_device,
     seed_everything,
@@ -217,7 +218,8 @@ def resume(
 
 def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     out = Path(cfg.out)
-    if world.is_main and (out / ckpt.LATEST).exists() and not cfg.resume:
+    # every process must refuse, or the others would wait for it forever
+    if max_across(float((out / ckpt.LATEST).exists() and not cfg.resume), world) > 0:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     device = resolve_device(cfg.device, world)
     seed_everything(cfg.seed + world.rank)
