@@ -237,3 +237,9 @@ def test_paper_configs_are_valid_and_run(tmp_path, size):
     args = ["pretrain", "--config", str(configs / f"vit_{size}_patch16_pretrain.yaml"), "--data", "embedded"]
     args += ["--model", "essl_vit_micro_patch7", "--img-size", "28", "--amp", "none", "--batch-size", "8"]
     assert main([*args, "--max-steps", "1", "--no-tensorboard", "--out", str(tmp_path / "run")]) == 0
+
+
+def test_the_last_step_is_logged_even_off_the_log_interval(tmp_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out), "--max-steps", "3", "--log-every", "10"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [3]

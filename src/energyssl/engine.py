@@ -102,14 +102,16 @@ def train_one_epoch(
         if out is not None:
             postfix = {"loss": f"{out.loss.item():.4f}", "lr": f"{lr:.2e}"}
             bar.set_postfix(postfix | ({} if alpha is None else {"alpha": f"{alpha:.3f}"}))
-        if on_log is not None and out is not None and state.step % log_every == 0:
+        stopping = stop_asked is not None and stop_agreed(stop_asked(), world)
+        last = stopping or budget_spent(state, max_steps, time_budget)  # a run's last step is always logged
+        if on_log is not None and out is not None and (state.step % log_every == 0 or last):
             elapsed = time.perf_counter() - tick
             on_log(step_record(out, state, lr, alpha, seen * world.size / elapsed, precision, world))
             tick, seen = time.perf_counter(), 0
         if on_checkpoint is not None and save_every and state.step % save_every == 0:
             on_checkpoint()
         step_start = time.perf_counter()  # checkpoints do not count against the budget
-        if stop_asked is not None and stop_agreed(stop_asked(), world):
+        if stopping:
             bar.close()
             return True
     bar.close()

@@ -310,6 +310,10 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         if logger is not None:
             logger.log(state.step, record)
 
+    last_step = (
+        cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    )
+
     def train_epoch(epoch: int) -> bool:
         """Train the rest of ``epoch`` (a resumed run skips the batches already trained on);
         True when a SIGINT or SIGTERM stopped it."""
@@ -318,7 +322,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size) if done_in_epoch else loader
         return train_one_epoch(
             trained, epoch_loader, optimizer, lr_at, state, steps=cfg.steps, seed=cfg.seed, world=world,
-            device=device, precision=precision, clip_grad=cfg.clip_grad, max_steps=cfg.max_steps,
+            device=device, precision=precision, clip_grad=cfg.clip_grad, max_steps=last_step,
             time_budget=time_budget, on_log=log, log_every=cfg.log_every, on_checkpoint=save,
             save_every=cfg.save_every, stop_asked=lambda: stop.asked,
         )  # fmt: skip
