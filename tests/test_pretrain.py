@@ -243,3 +243,28 @@ def test_the_last_step_is_logged_even_off_the_log_interval(tmp_path):
     out = tmp_path / "run"
     assert main(["pretrain", *TINY, "--out", str(out), "--max-steps", "3", "--log-every", "10"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [3]
+
+
+def test_resume_keeps_the_runs_gradient_mode_and_frozen_parameters(tmp_path, capsys):
+    """Fast mode freezes nothing on this ViT, exact mode its final norm's bias: resuming a fast run
+    in exact mode (or with auto resolving otherwise) must keep the run's optimizer groups."""
+    out = tmp_path / "run"
+    base = ["pretrain", *TINY, "--out", str(out), "--task", "grid_mask"]
+    assert main([*base, "--grad-mode", "fast", "--max-steps", "2"]) == 0
+    assert main([*base, "--grad-mode", "exact", "--max-steps", "4", "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "6", "--resume"]) == 0  # auto: the mode its checkpoint was made in
+    assert "precision: exact gradient" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change,named", [(["--task", "masking"], "task=grid_mask"), (["--steps", "2"], "steps=1"),
+                     (["--batch-size", "8"], "batch_size=16")],
+)  # fmt: skip
+def test_resume_refuses_another_task_k_or_batch(tmp_path, capsys, change, named):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--out", str(out), "--task", "grid_mask", "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *TINY, "--out", str(out), "--task", "grid_mask", "--resume", *change]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1

@@ -117,8 +117,16 @@ def freeze_unreached_parameters(objective: nn.Module, example: Tensor) -> list[s
     objective.zero_grad(set_to_none=True)
     objective(example, torch.Generator().manual_seed(0)).loss.backward()
     dead = [name for name, p in objective.named_parameters() if p.requires_grad and p.grad is None]
-    params = dict(objective.named_parameters())
-    for name in dead:
-        params[name].requires_grad_(False)
     objective.zero_grad(set_to_none=True)
-    return dead
+    return freeze_parameters(objective, dead)
+
+
+def freeze_parameters(objective: nn.Module, names: list[str]) -> list[str]:
+    """Stop training the parameters ``names`` (a resumed run freezes what the run froze)."""
+    params = dict(objective.named_parameters())
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise UserError(f"the checkpoint froze parameters this model does not have: {', '.join(unknown)}")
+    for name in names:
+        params[name].requires_grad_(False)
+    return names

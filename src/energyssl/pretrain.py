@@ -51,7 +51,7 @@ from .engine import (
 from .errors import Interrupted, UserError
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone, default_patch_size
-from .objective import SORTING, PretextObjective, build_objective, freeze_unreached_parameters
+from .objective import SORTING, PretextObjective, build_objective, freeze_parameters, freeze_unreached_parameters
 from .precision import AMP_CHOICES, Precision, amp_dtype_for, channels_last_if_cnn, choose_precision
 from .visualize import save_restoration_grid
 
@@ -124,7 +124,7 @@ def build_model(
     return baseline, baseline
 
 
-def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int) -> dict[str, str]:
+def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int, total_batch: int) -> dict[str, str]:
     """What a checkpoint must agree on to be resumed or loaded into this model."""
     return {
         "model": cfg.model,
@@ -132,7 +132,23 @@ def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int) -> dict[str,
         "in_chans": str(in_chans),
         "patch_size": str(cfg.patch_size),
         "method": cfg.method,
+        "task": cfg.task,
+        "steps": str(cfg.steps),
+        "batch_size": str(total_batch),
     }
+
+
+def resume_folder(cfg: PretrainConfig) -> Path:
+    return ckpt.find_checkpoint(Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume))
+
+
+def previous_choices(cfg: PretrainConfig) -> dict[str, str]:
+    """The resumed run's resolved gradient mode and frozen parameters ({} for a new run): kept,
+    so that ``auto`` resolving otherwise on this machine cannot change the optimizer's groups."""
+    if not cfg.resume:
+        return {}
+    metadata = ckpt.read_metadata(resume_folder(cfg) / ckpt.WEIGHTS)
+    return {key: metadata[key] for key in ("grad_mode", "frozen") if key in metadata}
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -200,7 +216,7 @@ def resume(
     world: World,
 ) -> None:
     """Load weights, optimizer, loss scales and position from ``--resume`` (refusing another model's)."""
-    folder = ckpt.find_checkpoint(Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume))
+    folder = resume_folder(cfg)
     ckpt.load_weights(model, folder / ckpt.WEIGHTS, expect=metadata)
     saved = ckpt.load_training_state(folder)
     optimizer.load_state_dict(saved["optimizer"])
@@ -232,11 +248,17 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
 
     cfg.patch_size = cfg.patch_size or default_patch_size(cfg.model, img_size, announce=world.is_main)
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
+    previous = previous_choices(cfg)
+    if cfg.grad_mode == "auto" and "grad_mode" in previous:
+        cfg.grad_mode = previous["grad_mode"]
     grad_mode, amp_dtype, why = resolve_precision(cfg, backbone, device)
     model, objective = build_model(cfg, backbone, info, grad_mode)
     channels_last_if_cnn(model.to(device), device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
-    dead = freeze_unreached_parameters(objective, example)
+    if "frozen" in previous:
+        dead = freeze_parameters(objective, json.loads(previous["frozen"]))
+    else:
+        dead = freeze_unreached_parameters(objective, example)
     if cfg.alpha_init is None and not cfg.resume and isinstance(objective, PretextObjective):
         alpha = objective.calibrate_alpha(example)  # before DDP, which then broadcasts rank 0's
         if world.is_main:
@@ -250,13 +272,13 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
     lr_at = lr_schedule(cfg, base_lr, steps_per_epoch, state, time_budget)
 
-    metadata = run_metadata(cfg, img_size, info.in_chans)
+    metadata = run_metadata(cfg, img_size, info.in_chans, total_batch)
     # what tools reading the checkpoint later need (restore, energy): not checked on resume
     descriptive = {
         "mean": json.dumps(info.mean),
         "std": json.dumps(info.std),
-        "task": cfg.task,
-        "steps": str(cfg.steps),
+        "grad_mode": grad_mode,
+        "frozen": json.dumps(dead),
     }
     if cfg.resume:
         resume(cfg, model, optimizer, precision, state, metadata, world)
