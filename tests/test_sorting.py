@@ -46,9 +46,25 @@ def test_edge_mask_zeroes_the_border_of_each_patch_kernel_in_the_forward_pass():
     border = images.clone()
     border[..., 0, :] += 5.0  # change only pixels on the outer row of the top patches
     positions = table.expand(2, -1, -1)
-    same = energy_with_positions(model, images, positions, edge=1)
-    assert torch.allclose(same, energy_with_positions(model, border, positions, edge=1))
-    assert not torch.allclose(same, energy_with_positions(model, border, positions, edge=0))
+    same = energy_with_positions(model, images, positions, edge=torch.tensor([1, 1]))
+    assert torch.allclose(same, energy_with_positions(model, border, positions, edge=torch.tensor([1, 1])))
+    assert not torch.allclose(same, energy_with_positions(model, border, positions, edge=None))
+    per_image = energy_with_positions(model, border, positions, edge=torch.tensor([1, 0]))  # each its own width
+    assert torch.allclose(per_image[0], same[0]) and not torch.allclose(per_image[1], same[1])
+
+
+@pytest.mark.parametrize("patch,widths", [(16, {1, 2}), (32, {2, 4}), (7, {1}), (4, {1})])
+def test_edge_width_is_a_sixteenth_or_an_eighth_of_the_patch_drawn_per_image(patch, widths):
+    drawn = PatchSorting().edge_widths(256, patch, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert set(drawn.tolist()) == widths
+    if len(widths) == 2:
+        assert 0.4 < (drawn == min(widths)).float().mean() < 0.6
+
+
+def test_edge_masking_that_would_zero_the_kernel_is_refused():
+    with pytest.raises(UserError, match="zero the whole 2x2 patch kernel"):
+        PatchSorting().edge_choices(2)
+    assert PatchSorting(edge_mask=False).edge_widths(4, 2, None, torch.device("cpu")) is None
 
 
 def test_token_drop_keeps_half_the_patches():

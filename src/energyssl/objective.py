@@ -53,7 +53,9 @@ class PretextObjective(nn.Module):
         self.model, self.corruption, self.sorting, self.sorting_share = model, corruption, sorting, sorting_share
         self.table: Tensor | None = None
         if sorting is not None:
-            self.table = install_sincos(require_vit(model.backbone), trainable=False)
+            vit = require_vit(model.backbone)
+            sorting.edge_choices(vit.patch_embed.patch_size[0])  # refuse a kernel it would zero, up front
+            self.table = install_sincos(vit, trainable=False)
 
     def _pixels(self, images: Tensor, generator: torch.Generator | None, steps: int, grad_scale: float) -> Restoration:
         assert self.corruption is not None

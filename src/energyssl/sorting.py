@@ -3,8 +3,9 @@ its patches, and the energy restores them by gradient steps on the embedding,
 ``p <- p - alpha * dE/dp``, with the loss ``sum_k ||p_k - p||^2``.
 
 Two regularisers keep the network from sorting by patch borders alone (paper, appendix A.2):
-the outermost 1 or 2 pixels (50% / 50%) of the patch-embedding kernel are zeroed in the
-forward pass, and half of the patch tokens are dropped before the transformer.
+the border of the patch-embedding kernel is zeroed in the forward pass, 1/16 or 2/16 of the
+patch wide (50% / 50%, drawn per image, at least 1 pixel; the paper's 1 or 2 pixels of 16), and
+half of the patch tokens are dropped before the transformer.
 """
 
 from __future__ import annotations
@@ -73,10 +74,23 @@ class PatchSorting:
         keep = max(1, round((1 - self.token_drop) * n))
         return uniform((batch, n), generator, device).argsort(dim=1)[:, :keep].sort(dim=1).values
 
-    def edge_width(self, generator: Generator) -> int:
+    def edge_choices(self, patch: int) -> tuple[int, int]:
+        """The two border widths for a patch of ``patch`` pixels: 1/16 and 2/16 of it, at least 1;
+        refused where they would leave no pixel of the kernel."""
+        narrow, wide = max(1, patch // 16), max(1, patch // 8)
+        if self.edge_mask and 2 * wide >= patch:
+            raise UserError(
+                f"edge masking would zero the whole {patch}x{patch} patch kernel: use a patch of 3 px or more, "
+                "or --set corruption.sorting.edge_mask=false"
+            )
+        return narrow, wide
+
+    def edge_widths(self, batch: int, patch: int, generator: Generator, device: torch.device) -> Tensor | None:
+        """(B,) border width of each image's kernel, narrow or wide with equal odds; None when off."""
         if not self.edge_mask:
-            return 0
-        return 1 if uniform((1,), generator, torch.device("cpu")).item() < 0.5 else 2
+            return None
+        narrow, wide = self.edge_choices(patch)
+        return torch.where(uniform((batch,), generator, device) < 0.5, narrow, wide)
 
 
 def edge_masked_kernel(weight: Tensor, width: int) -> Tensor:
@@ -88,18 +102,26 @@ def edge_masked_kernel(weight: Tensor, width: int) -> Tensor:
     return weight * mask
 
 
-def edge_masked_patch_tokens(vit: VisionTransformer, images: Tensor, edge: int) -> Tensor:
-    """The ViT's patch embedding (B, N, D), computed with the outermost ``edge`` pixels of its
-    kernel zeroed; no position embedding."""
+def edge_masked_patch_tokens(vit: VisionTransformer, images: Tensor, widths: Tensor | None) -> Tensor:
+    """The ViT's patch embedding (B, N, D), each image's computed with the outermost
+    ``widths[b]`` pixels of the kernel zeroed (None: the whole kernel); no position embedding."""
     proj = vit.patch_embed.proj
-    tokens = F.conv2d(
-        images, edge_masked_kernel(proj.weight, edge), proj.bias, stride=proj.stride, padding=proj.padding
-    )
+
+    def embed(width: int) -> Tensor:
+        kernel = edge_masked_kernel(proj.weight, width)
+        return F.conv2d(images, kernel, proj.bias, stride=proj.stride, padding=proj.padding)
+
+    if widths is None:
+        tokens = embed(0)
+    else:
+        tokens = torch.zeros(())
+        for width in widths.unique().tolist():
+            tokens = torch.where((widths == width).view(-1, 1, 1, 1), embed(int(width)), tokens)
     return vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
 
 
 def energy_with_positions(
-    model: EnergyModel, images: Tensor, positions: Tensor, kept: Tensor | None = None, edge: int = 0
+    model: EnergyModel, images: Tensor, positions: Tensor, kept: Tensor | None = None, edge: Tensor | None = None
 ) -> Tensor:
     """E of ``images`` when patch i carries position embedding ``positions[:, i]`` (B, N, D)."""
     vit = require_vit(model.backbone)
@@ -138,7 +160,8 @@ def sorting_restoration(
     batch, n = len(images), table.shape[0]
     shuffled = table[sorting.permutation(batch, n, generator, images.device)]
     kept = sorting.kept_tokens(batch, n, generator, images.device) if model.training else None
-    edge = sorting.edge_width(generator) if model.training else 0
+    patch = require_vit(model.backbone).patch_embed.patch_size[0]
+    edge = sorting.edge_widths(batch, patch, generator, images.device) if model.training else None
     return restore_positions(model, table, images, shuffled, steps, kept, edge, grad_scale)
 
 
@@ -149,7 +172,7 @@ def restore_positions(
     shuffled: Tensor,
     steps: int,
     kept: Tensor | None = None,
-    edge: int = 0,
+    edge: Tensor | None = None,
     grad_scale: float = 1.0,
 ) -> Restoration:
     """K gradient steps on the position embeddings; the loss counts the tokens the transformer saw."""

@@ -28,6 +28,7 @@ class AutoencoderTask(nn.Module):
         grid, patch = vit.patch_embed.grid_size, vit.patch_embed.patch_size[0]
         if task == "sorting":
             self.sorting = PatchSorting(**params.get("sorting", {}))
+            self.sorting.edge_choices(patch)  # refuse a kernel it would zero, up front
             with torch.no_grad():
                 vit.pos_embed.zero_()
             vit.pos_embed.requires_grad_(False)
@@ -56,7 +57,8 @@ class AutoencoderTask(nn.Module):
     def _sorting(self, images: Tensor, generator: torch.Generator | None) -> Restoration:
         vit, sorting = self.backbone, self.sorting
         assert sorting is not None
-        edge = sorting.edge_width(generator) if self.training else 0
+        patch = vit.patch_embed.patch_size[0]
+        edge = sorting.edge_widths(len(images), patch, generator, images.device) if self.training else None
         tokens = edge_masked_patch_tokens(vit, images, edge)
         n = tokens.shape[1]
         positions = torch.arange(n, device=images.device).expand(len(images), -1)
