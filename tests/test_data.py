@@ -22,22 +22,36 @@ def test_embedded_subset_is_balanced_fashion_mnist():
 def test_image_folder_with_classes_skips_unreadable_files(tmp_path, capsys):
     for cls, colour in (("cat", 10), ("dog", 200)):
         (tmp_path / cls).mkdir()
-        for i in range(3):
+        for i in range(10):
             Image.new("RGB", (20, 16), (colour, i, 0)).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image")
     ds = load_dataset(str(tmp_path))
-    assert len(ds) == 6 and ds.skipped == 1 and ds.classes == ["cat", "dog"]
+    assert len(ds) == 18 and ds.skipped == 1 and ds.classes == ["cat", "dog"]
     assert "skipped 1 unreadable" in capsys.readouterr().out
-    image, label = ds[4]
+    image, label = ds[17]
     assert label == 1 and image.mode == "RGB"
     assert ds.info.in_chans == 3
+
+
+def test_a_folder_without_splits_keeps_a_fixed_tenth_of_each_class_apart(tmp_path):
+    for cls in ("a", "b", "c"):
+        (tmp_path / cls).mkdir()
+        for i in range(20):
+            Image.new("L", (8, 8), i).save(tmp_path / cls / f"{i}.png")
+    train, test = load_dataset(str(tmp_path)), load_dataset(str(tmp_path), train=False)
+    assert (len(train), len(test)) == (54, 6)
+    assert sorted(label for _, label in test.samples) == [0, 0, 1, 1, 2, 2]
+    assert not {path for path, _ in train.samples} & {path for path, _ in test.samples}
+    assert test.samples == load_dataset(str(tmp_path), train=False).samples  # the same every time
+    assert [p for p, _ in load_held_out(str(tmp_path)).samples] == [p for p, _ in test.samples]
+    assert "a fixed 10% of each class" in test.split
 
 
 def test_flat_unlabeled_folder(tmp_path):
     for i in range(4):
         Image.new("L", (30, 30), i * 40).save(tmp_path / f"{i}.jpg")
     ds = load_dataset(str(tmp_path))
-    assert len(ds) == 4 and ds[0][1] == -1 and ds.info.in_chans == 1
+    assert len(ds) == 3 and ds[0][1] == -1 and ds.info.in_chans == 1
 
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from energyssl.checkpoint import BACKBONE, find_checkpoint
@@ -142,3 +143,16 @@ def test_report_gathers_results(pretrained, tmp_path, capsys):
     table = (tmp_path / "table.md").read_text()
     assert table.count("| essl_vit_micro_patch7 |") == 2 and "| knn |" in table and "| linear |" in table
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_evaluation_on_a_folder_without_splits_uses_the_held_out_tenth(tmp_path, capsys):
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (28, 28), 20 * i + (100 if cls == "b" else 0)).save(data / cls / f"{i}.png")
+    args = ["finetune", "--data", str(data), "--model", "essl_vit_micro_patch7", "--epochs", "1", "--batch-size", "4"]
+    assert main([*args, "--no-tensorboard", "--out", str(tmp_path / "ft")]) == 0
+    record = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert record["labeled_images"] == 18 and "a fixed 10% of each class" in record["test_split"]
+    assert "test split: a fixed 10% of each class" in capsys.readouterr().out

@@ -69,9 +69,10 @@ def read_images(files: list[str], loaded: LoadedEnergyModel) -> torch.Tensor:
     return torch.stack(batch)
 
 
-def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int) -> torch.Tensor:
-    """The first ``count`` test images of a dataset, converted to the model's channels and size."""
-    dataset = load_held_out(spec)
+def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bool = False) -> torch.Tensor:
+    """The first ``count`` test images of a dataset (all images of a ``foreign`` folder), converted
+    to the model's channels and size."""
+    dataset = load_held_out(spec, whole_folder=foreign)
     mode = "L" if loaded.in_chans == 1 else "RGB"
     transform = transforms.Compose(
         [transforms.Lambda(lambda img: img.convert(mode)), eval_transform(_info(loaded), loaded.img_size)]
@@ -139,7 +140,7 @@ def energy_scores(
     groups = {"real": _energies(loaded.model, real), f"corrupted ({task})": _energies(loaded.model, corrupted)}
     groups["restored (1 step)"] = _energies(loaded.model, restored)
     if compare:
-        groups[f"other: {compare}"] = _energies(loaded.model, dataset_images(compare, loaded, count))
+        groups[f"other: {compare}"] = _energies(loaded.model, dataset_images(compare, loaded, count, foreign=True))
     stats = {
         name: {"mean": float(e.mean()), "std": float(e.std()), "median": float(np.median(e)), "count": len(e)}
         for name, e in groups.items()

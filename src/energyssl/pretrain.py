@@ -301,7 +301,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         logger.forget_after(state.step)
         print(
             f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
-            f"{cfg.method} on {len(train_set)} images of {cfg.data}, task {cfg.task}"
+            f"{cfg.method} on {len(train_set)} images of {getattr(dataset, 'split', cfg.data)}, task {cfg.task}"
             + (f", K={cfg.steps}" if cfg.method == "energy" else "")
             + f", lr {base_lr:.2e}, "
             f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs"

@@ -8,13 +8,15 @@
 * ``cifar10:DIR`` / ``cifar100:DIR`` -- the CIFAR python format (``data_batch_*`` or ``train``);
 * ``torchvision:NAME:DIR`` -- any torchvision dataset class taking ``root, train`` (e.g. MNIST);
 * a folder path -- an image folder: class-per-subfolder, or a flat folder of unlabeled images;
-  with ``train/`` and ``test/`` (or ``val/``) subfolders, each split is such a folder.
+  with ``train/`` and ``test/`` (or ``val/``) subfolders, each split is such a folder; without
+  them, a fixed 10% of each class is held out for evaluation and never trained on.
 
 Every dataset yields ``(PIL image, label)`` with label -1 when unknown.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import pickle
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from torchvision import transforms
 from ..errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+HELD_OUT_FRACTION = 0.1  # of a folder without its own test/ or val/ split, kept for evaluation
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -74,6 +77,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: Path) -> None:
+        self.root, self.split = root, str(root)
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         flat = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
         self.classes = [d.name for d in subdirs if any(_images_in(d))] if not flat else []
@@ -93,6 +97,26 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def held_out_split(self, train: bool, fraction: float = HELD_OUT_FRACTION) -> ImageFolderDataset:
+        """This folder has no train/test split of its own: keep a fixed, class-stratified
+        ``fraction`` apart (the same for every command and seed), so that nothing is evaluated on
+        images it was trained on. Returns the training part or the held-out part."""
+        generator = torch.Generator().manual_seed(0)
+        held: set[int] = set()
+        for label in sorted({label for _, label in self.samples}):
+            members = [i for i, (_, lab) in enumerate(self.samples) if lab == label]
+            count = round(fraction * len(members))
+            held.update(members[j] for j in torch.randperm(len(members), generator=generator)[:count].tolist())
+        if not held and len(self.samples) > 1:
+            held = {len(self.samples) - 1}
+        kept = [sample for i, sample in enumerate(self.samples) if (i in held) != train]
+        if not kept:
+            raise UserError(f"{self.root} holds too few images to keep {fraction:.0%} apart for evaluation")
+        part = copy.copy(self)
+        part.samples = kept
+        part.split = f"{'all but ' if train else ''}a fixed {fraction:.0%} of each class of {self.root}"
+        return part
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
@@ -231,12 +255,16 @@ def load_dataset(spec: str, train: bool = True) -> ArrayDataset | ImageFolderDat
         found = [path / s for s in splits if (path / s).is_dir()]
         if not found:  # never read the split folders themselves as classes
             raise UserError(f"{path} has train/ but no test/ or val/ split")
-        path = found[0]
-    return ImageFolderDataset(path)
+        return ImageFolderDataset(found[0])
+    return ImageFolderDataset(path).held_out_split(train)
 
 
-def load_held_out(spec: str) -> ArrayDataset | ImageFolderDataset:
-    """The test split of ``spec``, or its training split when it has none (reports, figures)."""
+def load_held_out(spec: str, whole_folder: bool = False) -> ArrayDataset | ImageFolderDataset:
+    """The test split of ``spec``, or its training split when it has none (reports, figures);
+    with ``whole_folder``, all of a split-less folder (another domain, never trained on)."""
+    path = Path(spec).expanduser()
+    if whole_folder and path.is_dir() and not (path / "train").is_dir():
+        return ImageFolderDataset(path)
     try:
         return load_dataset(spec, train=False)
     except UserError:

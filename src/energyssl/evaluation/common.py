@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..config import EvalConfig, save_yaml
-from ..data import DataInfo, load_dataset
+from ..data import DataInfo, ImageFolderDataset, load_dataset
 from ..distributed import World, resolve_device, seed_everything
 from .backbone import Initialisation, build_classifier
 from .results import balanced_subset, dataset_labels
@@ -42,6 +42,8 @@ def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
         json.dumps({"label_fraction": cfg.label_fraction, "seed": cfg.seed, "indices": subset.tolist()})
     )
     info = train.info
+    if isinstance(test, ImageFolderDataset):
+        print(f"test split: {test.split} ({len(test)} images)")
     return EvalData(Subset(train, subset.tolist()), test, info, cfg.img_size or info.img_size, subset)
 
 
@@ -80,6 +82,7 @@ def results_record(cfg: EvalConfig, setup: EvalSetup, protocol: str, metrics: di
         "dataset": cfg.data,
         "label_fraction": cfg.label_fraction,
         "labeled_images": labeled,
+        "test_split": getattr(setup.data.test, "split", cfg.data),
         "seed": cfg.seed,
         "metrics": metrics,
         "wall_time_s": time.perf_counter() - setup.started,
