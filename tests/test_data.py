@@ -113,3 +113,12 @@ def test_image_folder_splits_and_a_missing_test_split(tmp_path):
     with pytest.raises(UserError, match="no test/ or val/ split"):
         load_dataset(str(tmp_path), train=False)
     assert load_held_out(str(tmp_path)).classes == ["cat", "dog"]  # falls back to train/, not to the root
+
+
+def test_cifar_files_that_are_not_pickles_are_one_clear_error(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"these are not pickled batches")
+    with pytest.raises(UserError, match="is not a CIFAR-10 batch file"):
+        load_dataset(f"cifar10:{tmp_path}")

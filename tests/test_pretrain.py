@@ -74,6 +74,11 @@ def test_short_pretraining_restores_better_than_the_corruption(tmp_path, grad_mo
         (["--img-size", "30"], "image size 30 is not a multiple of essl_vit_micro_patch7's patch size 7: use"),
         (["--img-size", "30", "--method", "mae"], "--patch-size 6 or --img-size 28"),
         (["--img-size", "30", "--method", "cae"], "is not a multiple of"),
+        (["--set", "epochs=abc"], "config key 'epochs' must be an integer, got 'abc'"),
+        (["--set", "save_every=1.5"], "config key 'save_every' must be an integer, got 1.5"),
+        (["--set", "crop_scale=0.5"], "config key 'crop_scale' must be a list, got 0.5"),
+        (["--blr", "-1"], "blr must be > 0, got -1.0"),
+        (["--img-size", "5"], "img_size must be >= 8, got 5"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message):
@@ -268,3 +273,13 @@ def test_resume_refuses_another_task_k_or_batch(tmp_path, capsys, change, named)
     assert main(["pretrain", *TINY, "--out", str(out), "--task", "grid_mask", "--resume", *change]) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["finetune", "probe"])
+def test_eval_commands_refuse_bad_values_in_one_line(tmp_path, capsys, command):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: ten\n")
+    assert main([command, "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert main([command, "--blr", "-1", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: config key 'epochs' must be an integer, got 'ten'", "error: blr must be > 0, got -1.0"]

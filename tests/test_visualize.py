@@ -103,3 +103,14 @@ def test_auroc_and_psnr_values():
     assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
     x = torch.zeros(1, 1, 4, 4)
     assert psnr(x + 0.1, x).item() == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["restore", "--steps", "-2"], "--steps must be >= 1, got -2"), (["restore", "--steps", "0"], "--steps must be"),
+     (["restore", "--count", "0"], "--count must be >= 1, got 0"), (["energy", "--count", "0"], "--count must be")],
+)  # fmt: skip
+def test_analysis_counts_and_steps_must_be_positive(trained, tmp_path, capsys, args, message):
+    assert main([*args, "--init", str(trained), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

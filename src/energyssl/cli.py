@@ -37,6 +37,10 @@ def _analysis(args: argparse.Namespace) -> None:
 
     from . import analysis
 
+    for name in ("count", "steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
     if args.command == "restore":
         analysis.restore(
             args.init, args.task, Path(args.out), args.images, args.data, args.count, args.steps, args.seed

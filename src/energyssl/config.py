@@ -246,7 +246,49 @@ def resolve(args: argparse.Namespace, cls: type[ConfigT]) -> ConfigT:
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
-    return cls(**values)
+    config = cls(**values)
+    check_types(config)
+    check_ranges(config)
+    return config
+
+
+def check_types(config: CommonConfig) -> None:
+    """Each key holds a value of its type (ints for ints, numbers for floats, ...), else one line."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+        if value is None and optional:
+            continue
+        kind = _base_type(hint)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+            continue
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+                     dict: "a mapping"}  # fmt: skip
+            raise UserError(f"config key '{f.name}' must be {names.get(kind, kind.__name__)}, got {value!r}")
+
+
+def check_ranges(config: CommonConfig) -> None:
+    """Values every command needs in range; the commands check their own keys beyond these."""
+    checks = [
+        (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
+        (config.epochs > 0, f"epochs must be > 0, got {config.epochs}"),
+        (config.blr > 0, f"blr must be > 0, got {config.blr}"),
+        (config.lr is None or config.lr > 0, f"lr must be > 0, got {config.lr}"),
+        (config.min_lr >= 0, f"min_lr must be >= 0, got {config.min_lr}"),
+        (config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}"),
+        (config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}"),
+        (config.img_size is None or config.img_size >= 8, f"img_size must be >= 8, got {config.img_size}"),
+        (config.patch_size is None or config.patch_size >= 1, f"patch_size must be >= 1, got {config.patch_size}"),
+        (config.max_steps is None or config.max_steps >= 1, f"max_steps must be >= 1, got {config.max_steps}"),
+        (config.log_every >= 1, f"log_every must be >= 1, got {config.log_every}"),
+        (config.num_workers is None or config.num_workers >= 0, f"num_workers must be >= 0, got {config.num_workers}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def save_yaml(config: CommonConfig, path: Path) -> None:

@@ -72,8 +72,6 @@ def validate(cfg: PretrainConfig) -> None:
         (cfg.grad_mode != "fast" or cfg.method == "energy", "grad_mode fast applies to the energy method only"),
         (cfg.grad_mode != "fast" or cfg.amp in ("auto", "none"), "grad_mode fast needs float32: use --amp none"),
         (cfg.time_budget is None or cfg.time_budget > 0, f"time_budget must be > 0 minutes, got {cfg.time_budget}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.alpha_init is None or cfg.alpha_init > 0, f"alpha_init must be > 0, got {cfg.alpha_init}"),
         (isinstance(cfg.corruption, dict), "corruption must be a mapping of task name to parameters"),
         (len(cfg.crop_scale) == 2, f"crop_scale must be two numbers, got {cfg.crop_scale}"),

@@ -206,10 +206,13 @@ def load_cifar(root: str, train: bool, classes: int) -> ArrayDataset:
         raise UserError(f"CIFAR-{classes} files not found: {', '.join(missing)}")
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # the official format is pickled
-        images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[key]))
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")  # the official format is pickled
+            images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(batch[key]))
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} is not a CIFAR-{classes} batch file of the python version: {exc!r}") from exc
     return ArrayDataset(np.concatenate(images), np.concatenate(labels), classes)
 
 

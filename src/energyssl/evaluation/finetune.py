@@ -121,7 +121,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     logger = MetricsLogger(setup.out, tensorboard=cfg.tensorboard)
     print(
         f"fine-tuning {setup.model_name} on {len(data.train)} labeled images of {cfg.data} "
-        f"({cfg.label_fraction:g} of labels), "
+        f"({cfg.label_fraction:.0%} of labels), "
         f"init {setup.init.path or 'random'}, lr {base_lr:.2e}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
     )
 
