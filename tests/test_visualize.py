@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from energyssl.checkpoint import find_checkpoint
 from energyssl.cli import main
 from energyssl.visualize import auroc, psnr
 
@@ -114,3 +115,10 @@ def test_analysis_counts_and_steps_must_be_positive(trained, tmp_path, capsys, a
     assert main([*args, "--init", str(trained), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_restore_takes_a_checkpoint_file_as_init(trained, tmp_path):
+    weights = find_checkpoint(trained) / "model.safetensors"
+    out = tmp_path / "restore"
+    assert main(["restore", "--init", str(weights), "--task", "grid_mask", "--count", "2", "--out", str(out)]) == 0
+    assert (out / "restoration.png").is_file()

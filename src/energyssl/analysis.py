@@ -34,9 +34,10 @@ class LoadedEnergyModel:
 
 
 def load_energy_model(init: str) -> LoadedEnergyModel:
-    """The whole energy model (backbone, head, alpha) of a pretraining run or checkpoint folder."""
-    folder = ckpt.find_checkpoint(Path(init).expanduser())
-    path = folder / ckpt.WEIGHTS
+    """The whole energy model (backbone, head, alpha) of a pretraining run, a checkpoint folder or
+    a checkpoint's ``model.safetensors``."""
+    given = Path(init).expanduser()
+    path = given if given.is_file() else ckpt.find_checkpoint(given) / ckpt.WEIGHTS
     meta = ckpt.read_metadata(path)
     missing = [k for k in ("model", "img_size", "in_chans", "mean", "std") if k not in meta]
     if missing or meta.get("method") != "energy":

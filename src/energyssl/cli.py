@@ -82,7 +82,9 @@ def _config_commands() -> dict[str, tuple[type, Callable[[Any], None], str, str]
 
 def _add_energy_model_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     """The options of the commands that load a pretrained energy model and corrupt images."""
-    parser.add_argument("--init", required=True, help="pretraining run folder or checkpoint folder")
+    parser.add_argument(
+        "--init", required=True, help="pretraining run folder, checkpoint folder or its model.safetensors"
+    )
     parser.add_argument("--seed", type=int, default=0, help="corruption seed (default: 0)")
     parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
 
