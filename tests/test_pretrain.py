@@ -79,6 +79,10 @@ def test_short_pretraining_restores_better_than_the_corruption(tmp_path, grad_mo
         (["--set", "crop_scale=0.5"], "config key 'crop_scale' must be a list, got 0.5"),
         (["--blr", "-1"], "blr must be > 0, got -1.0"),
         (["--img-size", "5"], "img_size must be >= 8, got 5"),
+        (["--method-options", "{mask_ratio: 0.5}"], "--method-options apply to the baselines"),
+        (["--method", "mae", "--task", "denoise"], "do not apply to mae"),
+        (["--set", "corruption.denoise.gamma=[0.2, 0.8]"], "parameters for denoise do not apply to task masking"),
+        (["--task", "grid_mask", "--set", "corruption.mixed.weights=[1, 2]"], "for mixed do not apply"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message):

@@ -228,6 +228,15 @@ def build_corruption(
     return _construct(CORRUPTIONS[task], task, kwargs)
 
 
+def tasks_in_use(task: str, params: dict[str, Any], in_chans: int = 3) -> set[str]:
+    """The corruption names ``task`` draws from (itself, or a mixture's and the mixture's own
+    name): the keys of ``corruption`` parameters that can take effect."""
+    if task not in MIXTURES:
+        return {task}
+    default = MIXTURES[task] or [t for t in SINGLE_TASKS if t != "colorize" or in_chans == 3]
+    return {task, *params.get(task, {}).get("tasks", default)}
+
+
 def task_corruptions(corruption: Corruption, task: str) -> dict[str, Corruption]:
     """The individual corruptions in use, by name (the parts of ``mixed``, or the one task)."""
     if isinstance(corruption, Mixed):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import checkpoint as ckpt
 from .baselines import METHODS, build_baseline
 from .config import PretrainConfig, save_yaml
-from .corruptions import task_corruptions
+from .corruptions import task_corruptions, tasks_in_use
 from .data import (
     DataInfo,
     EpochSampler,
@@ -79,6 +79,22 @@ def validate(cfg: PretrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    refuse_unused_options(cfg)
+
+
+def refuse_unused_options(cfg: PretrainConfig) -> None:
+    """An option that could not take effect is an error, not silently ignored."""
+    if cfg.method == "energy" and cfg.method_options:
+        raise UserError("--method-options apply to the baselines (mae, ae, cae); the energy method takes none")
+    if cfg.method in ("mae", "cae"):
+        if cfg.task != PretrainConfig.task or cfg.corruption:
+            raise UserError(
+                f"--task and corruption parameters do not apply to {cfg.method}, which masks patches itself"
+            )
+        return
+    unused = sorted(set(cfg.corruption) - tasks_in_use(cfg.task, cfg.corruption))
+    if unused:
+        raise UserError(f"corruption parameters for {', '.join(unused)} do not apply to task {cfg.task}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
