@@ -122,3 +122,12 @@ def test_restore_takes_a_checkpoint_file_as_init(trained, tmp_path):
     out = tmp_path / "restore"
     assert main(["restore", "--init", str(weights), "--task", "grid_mask", "--count", "2", "--out", str(out)]) == 0
     assert (out / "restoration.png").is_file()
+
+
+def test_restore_and_energy_corrupt_with_the_runs_own_parameters(tmp_path):
+    from energyssl.analysis import load_energy_model, pixel_corruption
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "essl_vit_micro_patch7", "--task", "grid_mask", "--max-steps", "1"]
+    assert main([*args, "--set", "corruption.grid_mask.ratio=0.2", "--no-tensorboard", "--out", str(out)]) == 0
+    assert pixel_corruption("grid_mask", load_energy_model(str(out))).ratio == 0.2

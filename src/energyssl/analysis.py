@@ -19,6 +19,7 @@ from .engine import restoration_blocks
 from .errors import UserError
 from .metrics import read_metrics
 from .models import create_backbone
+from .objective import split_sorting
 from .visualize import auroc, psnr, save_curves, save_energy_histogram, save_restoration_grid, to_pixels
 
 
@@ -31,6 +32,7 @@ class LoadedEnergyModel:
     std: tuple[float, ...]
     task: str
     steps: int
+    corruption: dict  # the run's corruption parameters, so restorations corrupt as its training did
 
 
 def load_energy_model(init: str) -> LoadedEnergyModel:
@@ -49,7 +51,8 @@ def load_energy_model(init: str) -> LoadedEnergyModel:
     ckpt.load_weights(model, path)
     model.eval()
     mean, std = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
-    return LoadedEnergyModel(model, img_size, in_chans, mean, std, meta.get("task", "mixed"), int(meta.get("steps", 2)))
+    task, steps, params = meta.get("task", "mixed"), int(meta.get("steps", 2)), json.loads(meta.get("corruption", "{}"))
+    return LoadedEnergyModel(model, img_size, in_chans, mean, std, task, steps, params)
 
 
 def _info(loaded: LoadedEnergyModel) -> DataInfo:
@@ -83,9 +86,10 @@ def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bo
 
 def pixel_corruption(task: str, loaded: LoadedEnergyModel) -> Corruption:
     """The pixel corruption ``task`` for this model's data (sorting has no picture to show)."""
-    if task == "sorting":
+    pixel_task, params, _ = split_sorting(task, loaded.corruption)
+    if pixel_task is None:
         raise UserError("sorting corrupts position embeddings, not pixels: pass --task grid_mask (or another)")
-    return build_corruption(task, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
+    return build_corruption(pixel_task, params, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
 
 
 def corruptions_for(task: str, loaded: LoadedEnergyModel) -> dict[str, Corruption]:

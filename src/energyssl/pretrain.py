@@ -293,6 +293,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         "std": json.dumps(info.std),
         "grad_mode": grad_mode,
         "frozen": json.dumps(dead),
+        "corruption": json.dumps(cfg.corruption),
     }
     if cfg.resume:
         resume(cfg, model, optimizer, precision, state, metadata, world)
