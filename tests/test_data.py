@@ -122,3 +122,8 @@ def test_cifar_files_that_are_not_pickles_are_one_clear_error(tmp_path):
         (folder / name).write_bytes(b"these are not pickled batches")
     with pytest.raises(UserError, match="is not a CIFAR-10 batch file"):
         load_dataset(f"cifar10:{tmp_path}")
+
+
+def test_a_named_fashion_mnist_folder_that_is_missing_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        load_dataset(f"fashion-mnist:{tmp_path / 'missing'}")

@@ -138,10 +138,13 @@ def test_report_gathers_results(pretrained, tmp_path, capsys):
         assert (
             main(["probe", "--protocol", protocol, "--init", str(pretrained), "--out", str(tmp_path / protocol)]) == 0
         )
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{not json")
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "table.md")]) == 0
     table = (tmp_path / "table.md").read_text()
     assert table.count("| essl_vit_micro_patch7 |") == 2 and "| knn |" in table and "| linear |" in table
+    assert "skipped" in capsys.readouterr().err and "broken" not in table
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
 
 

@@ -287,3 +287,11 @@ def test_eval_commands_refuse_bad_values_in_one_line(tmp_path, capsys, command):
     assert main([command, "--blr", "-1", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: config key 'epochs' must be an integer, got 'ten'", "error: blr must be > 0, got -1.0"]
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the dataset's image size) (default: None)" not in text
+    assert "input size (default: the dataset's image size)" in text and "(default: 64)" in text

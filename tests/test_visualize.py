@@ -96,6 +96,8 @@ def test_plot_overlays_runs(trained, tmp_path):
     width, height = _png(tmp_path / "curves.png")
     assert width > 2 * height  # three panels side by side
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["plot", str(trained), str(tmp_path), "--out", str(tmp_path / "y.png")]) == 0  # skips the bad one
+    _png(tmp_path / "y.png")
 
 
 def test_auroc_and_psnr_values():

@@ -174,8 +174,11 @@ def plot(runs: list[str], out: Path) -> Path:
     for run in runs:
         metrics = Path(run) / "metrics.jsonl"
         if not metrics.is_file():
-            raise UserError(f"no metrics.jsonl in {run}")
+            print(f"warning: skipped {run}: no metrics.jsonl")
+            continue
         records[Path(run).resolve().name] = read_metrics(metrics)
+    if not records:
+        raise UserError(f"no metrics.jsonl in {', '.join(runs)}")
     path = save_curves(out, records)
     print(f"saved {path}")
     return path

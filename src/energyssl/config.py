@@ -193,7 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigT]) -> None:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata['help']} (default: {default})"
+        own = f.metadata["help"]  # a help that explains its default keeps it; others get the value
+        help_text = own if "default" in own else f"{own} (default: {default})"
         kind = _base_type(hints[f.name])
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -162,8 +162,9 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 def load_fashion_mnist(root: str | None, train: bool) -> ArrayDataset:
     prefix = "train" if train else "t10k"
-    folders = [Path(root)] if root else []
-    folders += [DEBIAN_FASHION_MNIST]
+    if root and not Path(root).expanduser().is_dir():  # never train on another copy than the one named
+        raise UserError(f"fashion-mnist:{root}: no such folder")
+    folders = [Path(root).expanduser()] if root else [DEBIAN_FASHION_MNIST]
     for folder in folders:
         images = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
@@ -225,7 +226,9 @@ def load_torchvision(name: str, root: str, train: bool) -> ArrayDataset:
     try:
         ds = cls(root, train=train, download=False)
     except (RuntimeError, FileNotFoundError) as exc:
-        raise UserError(f"torchvision {name} not found under {root}: {exc}") from exc
+        raise UserError(
+            f"torchvision {name} not found under {root} (energyssl does not download it: put its files there)"
+        ) from exc
     data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
     targets = np.asarray(ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else ds.targets)
     return ArrayDataset(data, targets, len(getattr(ds, "classes", [])) or int(targets.max()) + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,10 @@ def report(paths: list[str]) -> str:
                 f"{r['label_fraction']:g} | {r['seed']} | {m['top1']:.2f} | {_fmt(m.get('top1_best'))} | "
                 f"{_fmt(m.get('top5'))} | {r['wall_time_s']:.0f} |"
             )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(f"{f} is not an energyssl results file ({exc})") from exc
+        except (KeyError, ValueError, TypeError):
+            print(f"warning: skipped {f}: not an energyssl results file", file=sys.stderr)
+    if len(rows) == 2:
+        raise UserError(f"no readable {RESULTS} under {', '.join(paths)}")
     return "\n".join(rows) + "\n"
 
 
