@@ -5,6 +5,7 @@ import torch
 
 from conftest import tiny_vit
 from energyssl import EnergyModel, create_backbone
+from energyssl.corruptions import build_corruption
 from energyssl.objective import build_objective, freeze_unreached_parameters
 
 
@@ -120,3 +121,21 @@ def test_energy_shape_and_positive_alpha():
     assert model.alpha.item() > 0
     with pytest.raises(ValueError):
         EnergyModel(model.backbone, alpha_init=0.0)
+
+
+def test_convnext_starts_with_a_usable_input_gradient_on_masked_images():
+    """Masked pixels are 0: a zero-bias convolution before a LayerNorm made dE/dx about 1e9."""
+    torch.manual_seed(0)
+    model = EnergyModel(create_backbone("essl_convnext_tiny", in_chans=1), head_init_std=10.0)
+    images = torch.randn(8, 1, 28, 28)
+    masked = build_corruption("grid_mask", {}, in_chans=1)(images, torch.Generator().manual_seed(0))
+    assert model.energy_grad(masked).pow(2).mean().sqrt() < 100
+
+
+def test_batchnorm_is_primed_with_the_datas_statistics_before_alpha_is_sized():
+    torch.manual_seed(0)
+    model = EnergyModel(create_backbone("essl_resnet_tiny", in_chans=1))
+    images = 3.0 + 2.0 * torch.randn(16, 1, 28, 28)
+    model.prime_batchnorm(images)
+    first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert first.momentum == 0.1 and not torch.allclose(first.running_var, torch.ones_like(first.running_var))

@@ -83,6 +83,24 @@ def non_smooth_layers(module: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in module.modules() if isinstance(m, NON_SMOOTH_LAYERS)})
 
 
+def perturb_zero_biases_before_norms(backbone: nn.Module, std: float = 0.02) -> list[nn.Module]:
+    """Give a small random start to the zero bias of each convolution that feeds a LayerNorm
+    (ConvNeXt's stem and blocks). Masked pixels are 0 after normalisation, so such a convolution
+    outputs the same (zero) vector there, and a LayerNorm of a constant vector divides by
+    sqrt(eps): dE/dx starts near 1e9 and no restoration can learn. Returns the layers changed."""
+    changed = []
+    for parent in backbone.modules():
+        children = list(parent.children())
+        for conv, after in zip(children, children[1:], strict=False):
+            bias = getattr(conv, "bias", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(after, nn.LayerNorm) and bias is not None:
+                if not bias.detach().any():
+                    with torch.no_grad():
+                        bias.normal_(std=std)
+                    changed.append(conv)
+    return changed
+
+
 def _rms(x: Tensor) -> Tensor:
     return x.detach().float().pow(2).mean().sqrt()
 
@@ -152,6 +170,7 @@ class EnergyModel(nn.Module):
         self.langevin_std = langevin_std
         self.loss_fn: Callable[[Tensor, Tensor], Tensor] = {"mse": F.mse_loss, "smooth_l1": F.smooth_l1_loss}[loss]
         self._has_batchnorm = has_batchnorm(backbone)
+        perturb_zero_biases_before_norms(backbone)
 
     @property
     def alpha(self) -> Tensor:
@@ -200,6 +219,22 @@ class EnergyModel(nn.Module):
                 x = self._step(x.detach(), grad, self.alpha)
                 restored.append(x)
         return restored
+
+    @torch.no_grad()
+    def prime_batchnorm(self, clean: Tensor) -> None:
+        """Set BatchNorm running statistics to a clean batch's before the first step. The energy
+        passes use them; left at their initial (0, 1) they move to the data's within a few dozen
+        steps, dE/dx grows with them, and steps sized at the start overshoot ever more."""
+        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: this batch's statistics exactly
+        training = self.backbone.training
+        self.backbone.train()(clean)
+        self.backbone.train(training)
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
     def calibrate_alpha(self, corrupted: Tensor, clean: Tensor, fraction: float = ALPHA_CALIBRATION) -> float:
         """Set alpha so that the first step covers ``fraction`` of the corruption (in RMS) on this

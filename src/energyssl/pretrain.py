@@ -273,10 +273,12 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         dead = freeze_parameters(objective, json.loads(previous["frozen"]))
     else:
         dead = freeze_unreached_parameters(objective, example)
-    if cfg.alpha_init is None and not cfg.resume and isinstance(objective, PretextObjective):
-        alpha = objective.calibrate_alpha(example)  # before DDP, which then broadcasts rank 0's
-        if world.is_main:
-            print(f"alpha starts at {alpha:.3g}: the first step covers half the corruption of a batch")
+    if not cfg.resume and isinstance(objective, PretextObjective):  # before DDP, which broadcasts rank 0's
+        objective.model.prime_batchnorm(example)
+        if cfg.alpha_init is None:
+            alpha = objective.calibrate_alpha(example)
+            if world.is_main:
+                print(f"alpha starts at {alpha:.3g}: the first step covers half the corruption of a batch")
 
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
