@@ -27,6 +27,12 @@ def uniform(shape: Sequence[int], generator: Generator, device: torch.device) ->
     return torch.rand(tuple(shape), generator=generator, device=gen_device).to(device)
 
 
+def require(ok: bool, message: str) -> None:
+    """A parameter out of its range is one clear error, not a crash or a silent clamp."""
+    if not ok:
+        raise UserError(message)
+
+
 class Corruption:
     """Base class: a named, parametrised corruption. Subclasses implement ``__call__``."""
 
@@ -43,6 +49,10 @@ class GridMask(Corruption):
     name: ClassVar[str] = "grid_mask"
     cell: int = 4
     ratio: float = 0.7
+
+    def __post_init__(self) -> None:
+        require(self.cell >= 1, f"grid_mask: cell must be >= 1, got {self.cell}")
+        require(0 <= self.ratio <= 1, f"grid_mask: ratio must be in [0, 1], got {self.ratio}")
 
     def mask(self, batch: int, height: int, width: int, generator: Generator, device: torch.device) -> Tensor:
         """Boolean mask (B, 1, H, W), True where blanked."""
@@ -75,6 +85,13 @@ class BlockMask(Corruption):
         "large": {"count": 25, "scale": (0.01, 0.04)},
     }
 
+    def __post_init__(self) -> None:
+        require(self.count >= 1, f"block_mask: count must be >= 1, got {self.count}")
+        require(
+            0 < self.scale[0] <= self.scale[1] <= 1, f"block_mask: scale must be 0 < lo <= hi <= 1, got {self.scale}"
+        )
+        require(0 < self.aspect[0] <= self.aspect[1], f"block_mask: aspect must be 0 < lo <= hi, got {self.aspect}")
+
     def mask(self, batch: int, height: int, width: int, generator: Generator, device: torch.device) -> Tensor:
         u = uniform((4, batch, self.count, 1, 1), generator, device)
         area = (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]) * height * width
@@ -106,6 +123,9 @@ class SuperResolution(Corruption):
     name: ClassVar[str] = "super_resolution"
     factor: int = 2
 
+    def __post_init__(self) -> None:
+        require(self.factor >= 1, f"super_resolution: factor must be >= 1, got {self.factor}")
+
     def __call__(self, x: Tensor, generator: Generator = None) -> Tensor:
         h, w = x.shape[-2:]
         small = F.interpolate(
@@ -120,6 +140,11 @@ class Denoise(Corruption):
 
     name: ClassVar[str] = "denoise"
     gamma: tuple[float, float] = (0.1, 0.9)
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.gamma[0] <= self.gamma[1] <= 1, f"denoise: gamma must be 0 <= lo <= hi <= 1, got {self.gamma}"
+        )
 
     def __call__(self, x: Tensor, generator: Generator = None) -> Tensor:
         g = self.gamma[0] + (self.gamma[1] - self.gamma[0]) * uniform((x.shape[0], 1, 1, 1), generator, x.device)

@@ -18,7 +18,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .corruptions import uniform
+from .corruptions import require, uniform
 from .energy import EnergyModel, Restoration
 from .errors import UserError
 
@@ -58,6 +58,12 @@ class PatchSorting:
     shuffle_fraction: float = 1.0  # share of patches whose embeddings are permuted among themselves
     edge_mask: bool = True
     token_drop: float = 0.5
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.shuffle_fraction <= 1, f"sorting: shuffle_fraction must be in [0, 1], got {self.shuffle_fraction}"
+        )
+        require(0 <= self.token_drop < 1, f"sorting: token_drop must be in [0, 1), got {self.token_drop}")
 
     def permutation(self, batch: int, n: int, generator: Generator, device: torch.device) -> Tensor:
         """(B, N): the index of the position embedding each patch receives; a permutation per image."""

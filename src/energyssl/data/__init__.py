@@ -120,8 +120,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            return img.convert(self._mode), label
+        try:
+            with Image.open(path) as img:
+                return img.convert(self._mode), label
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # passed the scan, fails to decode
+            raise UserError(f"cannot decode {path} ({exc}): remove it, then run again (or --resume)") from exc
 
     @property
     def info(self) -> DataInfo:
@@ -140,8 +143,8 @@ def _readable(path: Path) -> bool:
         with Image.open(path) as img:
             img.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+        return False  # not an image, truncated, or so large that decoding it could exhaust memory
 
 
 def _read_idx(path: Path) -> np.ndarray:
