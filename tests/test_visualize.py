@@ -53,16 +53,19 @@ def test_restore_improves_psnr_after_pretraining(trained, tmp_path):
     _png(out / "restoration.png")
 
 
-def test_restore_user_images_as_given(trained, tmp_path):
+def test_restore_user_images_as_given(trained, tmp_path, capsys):
     files = []
     for i in range(3):
         path = tmp_path / f"photo{i}.png"
-        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(path)
+        Image.fromarray((np.random.default_rng(i).random((40, 40 + 20 * i, 3)) * 255).astype(np.uint8)).save(path)
         files.append(str(path))
     out = tmp_path / "restore"
     assert main(["restore", "--init", str(trained), "--task", "none", "--images", *files, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "photo2.png: 80x40 -> centre 28x28, RGB -> L" in printed  # aspect kept by a centre crop, and said
     report = json.loads((out / "restoration.json").read_text())
-    assert report["images"] == 3 and report["psnr"] == {}
+    assert report["images"] == ["photo0.png", "photo1.png", "photo2.png"] and report["psnr"] == {}
+    assert "no clean image" in report["psnr_note"]
     width, height = _png(out / "restoration.png")
     assert (width, height) == (round(100 * (1.4 * 3 + 1.2)), round(100 * (1.4 * 3 + 0.6)))  # no original column
 
@@ -76,18 +79,20 @@ def test_restore_errors_are_clear(trained, tmp_path, capsys):
     assert "not pixels" in capsys.readouterr().err
 
 
-def test_energy_histogram_and_auroc(trained, tmp_path):
+def test_energy_histogram_and_auroc(trained, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     for i in range(20):
-        Image.fromarray((np.random.default_rng(i).random((28, 28)) * 255).astype(np.uint8)).save(other / f"{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((28, 28, 3)) * 255).astype(np.uint8)).save(other / f"{i}.png")
     out = tmp_path / "energy"
     args = ["energy", "--init", str(trained), "--count", "200", "--compare", str(other), "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "energy.json").read_text())
     assert set(report["stats"]) == {"real", "corrupted (grid_mask)", "restored (1 step)", f"other: {other}"}
     assert report["stats"]["real"]["count"] == 200 and report["stats"][f"other: {other}"]["count"] == 20
-    assert 0.0 <= report["auroc_real_vs_corrupted"] <= 1.0
+    assert 0.0 <= report["auroc_real_vs_corrupted"] <= 1.0 and 0.0 <= report["auroc_real_vs_other"] <= 1.0
+    printed = capsys.readouterr().out
+    assert f"real vs {other}: " in printed and "3-channel images converted to the model's 1 (L)" in printed
     _png(out / "energy.png")
 
 

@@ -60,16 +60,25 @@ def _info(loaded: LoadedEnergyModel) -> DataInfo:
 
 
 def read_images(files: list[str], loaded: LoadedEnergyModel) -> torch.Tensor:
-    """User image files as a normalised batch of the model's size and channels."""
-    transform = eval_transform(_info(loaded), loaded.img_size)
-    mode = "L" if loaded.in_chans == 1 else "RGB"
+    """User image files as a normalised batch of the model's size and channels: the shorter side
+    resized to the model's size and the centre cropped (aspect kept), converted to the model's
+    channels, each change said."""
+    size, mode = loaded.img_size, "L" if loaded.in_chans == 1 else "RGB"
+    resize = transforms.Compose(
+        [transforms.Resize(size, transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size)]
+    )
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(loaded.mean, loaded.std)])
     batch = []
     for name in files:
         try:
             with Image.open(name) as img:
-                batch.append(transform(img.convert(mode)))
+                changes = [] if img.size == (size, size) else [f"{img.size[0]}x{img.size[1]} -> centre {size}x{size}"]
+                changes += [] if img.mode == mode else [f"{img.mode} -> {mode}"]
+                batch.append(to_tensor(resize(img.convert(mode))))
         except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
             raise UserError(f"cannot read image {name}: {exc}") from exc
+        if changes:
+            print(f"{name}: {', '.join(changes)} (the model's input)")
     return torch.stack(batch)
 
 
@@ -78,6 +87,8 @@ def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bo
     to the model's channels and size."""
     dataset = load_held_out(spec, whole_folder=foreign)
     mode = "L" if loaded.in_chans == 1 else "RGB"
+    if dataset.info.in_chans != loaded.in_chans:
+        print(f"{spec}: {dataset.info.in_chans}-channel images converted to the model's {loaded.in_chans} ({mode})")
     transform = transforms.Compose(
         [transforms.Lambda(lambda img: img.convert(mode)), eval_transform(_info(loaded), loaded.img_size)]
     )
@@ -120,8 +131,13 @@ def restore(
                 "psnr_corrupted": psnr(to_pixels(corrupted, loaded.mean, loaded.std), ref).mean().item(),
                 "psnr_restored": psnr(to_pixels(restored[-1], loaded.mean, loaded.std), ref).mean().item(),
             }
-    grid = save_restoration_grid(out / "restoration.png", blocks, loaded.mean, loaded.std, title=f"K={steps} steps")
-    (out / "restoration.json").write_text(json.dumps({"images": len(clean), "steps": steps, "psnr": report}, indent=2))
+    names = [Path(f).name for f in images] if images else None
+    title = f"K={steps} steps"
+    grid = save_restoration_grid(out / "restoration.png", blocks, loaded.mean, loaded.std, title=title, names=names)
+    record = {"images": names or len(clean), "steps": steps, "psnr": report}
+    if task == "none":
+        record["psnr_note"] = "no PSNR: with --task none there is no clean image to compare with"
+    (out / "restoration.json").write_text(json.dumps(record, indent=2))
     print(f"saved {grid}")
     for name, row in report.items():
         print(f"  {name:<18} PSNR corrupted {row['psnr_corrupted']:.2f} dB -> restored {row['psnr_restored']:.2f} dB")
@@ -161,8 +177,9 @@ def energy_scores(
     out.mkdir(parents=True, exist_ok=True)
     save_energy_histogram(out / "energy.png", groups, title=f"{data}: energy of {count} images")
     (out / "energy.json").write_text(json.dumps(report, indent=2))
+    other = f"; real vs {compare}: {report['auroc_real_vs_other']:.3f}" if compare else ""
     print(
-        f"AUROC real vs corrupted (higher energy = corrupted): {report['auroc_real_vs_corrupted']:.3f}; "
+        f"AUROC real vs corrupted (higher energy = corrupted): {report['auroc_real_vs_corrupted']:.3f}{other}; "
         f"saved {out / 'energy.png'}"
     )
     return report

@@ -52,9 +52,11 @@ def save_restoration_grid(
     mean: Sequence[float],
     std: Sequence[float],
     title: str = "",
+    names: Sequence[str] | None = None,
 ) -> Path:
-    """One block of rows per task; each row an image: corrupted, every restoration step,
-    and the original when known. Tensors are normalised (B, C, H, W)."""
+    """One block of rows per task; each row an image (labelled with ``names``, else #i):
+    corrupted, every restoration step, and the original when known. Tensors are normalised
+    (B, C, H, W)."""
     steps = max(len(s) for _, s, _ in blocks.values())
     has_original = any(o is not None for _, _, o in blocks.values())
     columns = ["corrupted", *[f"step {k}" for k in range(1, steps + 1)]] + (["original"] if has_original else [])
@@ -72,7 +74,8 @@ def save_restoration_grid(
                 ax.axis("off")
             if r == 0:
                 ax.set_title(columns[c], fontsize=9)
-        axes[r][0].set_ylabel(f"{task}\n#{i}" if i == 0 else f"#{i}", fontsize=8, rotation=0, ha="right", va="center")
+        label = names[i] if names else f"#{i}"
+        axes[r][0].set_ylabel(f"{task}\n{label}" if i == 0 else label, fontsize=8, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path, top_inches=0.3 if title else 0.0)
