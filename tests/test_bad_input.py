@@ -70,6 +70,7 @@ def bad_files(tmp_path_factory):
         (["finetune", "--init", "{files}/foreign.safetensors"], "holds no backbone weights"),
         (["probe", "--init", "{files}/missing.safetensors"], "no such file or folder"),
         (["finetune", "--label-fraction", "0"], "label fraction must be in (0, 1]"),
+        (["probe", "--val-fraction", "1"], "val_fraction must be in (0, 1), got 1.0"),
     ],
 )
 def test_bad_arguments_and_files_are_one_line(bad_files, tmp_path, capsys, args, message):

@@ -45,6 +45,7 @@ def test_a_folder_without_splits_keeps_a_fixed_tenth_of_each_class_apart(tmp_pat
     assert test.samples == load_dataset(str(tmp_path), train=False).samples  # the same every time
     assert [p for p, _ in load_held_out(str(tmp_path)).samples] == [p for p, _ in test.samples]
     assert "a fixed 10% of each class" in test.split
+    assert len(load_dataset(str(tmp_path), train=False, val_fraction=0.25)) == 15
 
 
 def test_flat_unlabeled_folder(tmp_path):

@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from . import checkpoint as ckpt
 from .corruptions import Corruption, build_corruption, task_corruptions
-from .data import DataInfo, eval_transform, load_held_out
+from .data import HELD_OUT_FRACTION, DataInfo, eval_transform, load_held_out
 from .energy import EnergyModel
 from .engine import restoration_blocks
 from .errors import UserError
@@ -33,6 +33,7 @@ class LoadedEnergyModel:
     task: str
     steps: int
     corruption: dict  # the run's corruption parameters, so restorations corrupt as its training did
+    val_fraction: float  # the run's held-out share of a split-less folder, so figures use unseen images
 
 
 def load_energy_model(init: str) -> LoadedEnergyModel:
@@ -52,7 +53,8 @@ def load_energy_model(init: str) -> LoadedEnergyModel:
     model.eval()
     mean, std = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
     task, steps, params = meta.get("task", "mixed"), int(meta.get("steps", 2)), json.loads(meta.get("corruption", "{}"))
-    return LoadedEnergyModel(model, img_size, in_chans, mean, std, task, steps, params)
+    val_fraction = float(meta.get("val_fraction", HELD_OUT_FRACTION))
+    return LoadedEnergyModel(model, img_size, in_chans, mean, std, task, steps, params, val_fraction)
 
 
 def _info(loaded: LoadedEnergyModel) -> DataInfo:
@@ -85,7 +87,7 @@ def read_images(files: list[str], loaded: LoadedEnergyModel) -> torch.Tensor:
 def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bool = False) -> torch.Tensor:
     """The first ``count`` test images of a dataset (all images of a ``foreign`` folder), converted
     to the model's channels and size."""
-    dataset = load_held_out(spec, whole_folder=foreign)
+    dataset = load_held_out(spec, whole_folder=foreign, val_fraction=loaded.val_fraction)
     mode = "L" if loaded.in_chans == 1 else "RGB"
     if dataset.info.in_chans != loaded.in_chans:
         print(f"{spec}: {dataset.info.in_chans}-channel images converted to the model's {loaded.in_chans} ({mode})")

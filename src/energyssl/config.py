@@ -39,6 +39,9 @@ class CommonConfig:
         "timm model name or energyssl preset "
         "(essl_vit_tiny_patch4, essl_vit_mini_patch7, essl_resnet_tiny, essl_convnext_tiny)",
     )
+    val_fraction: float = _opt(
+        0.1, "share of each class held out for evaluation in a folder without test/ or val/ (fixed, never trained on)"
+    )
     img_size: int | None = _opt(None, "input size (default: the dataset's image size)")
     patch_size: int | None = _opt(None, "patch size override for token models")
     epochs: int = _opt(10, "training epochs")
@@ -282,6 +285,7 @@ def check_ranges(config: CommonConfig) -> None:
         (config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}"),
         (config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}"),
         (config.img_size is None or config.img_size >= 8, f"img_size must be >= 8, got {config.img_size}"),
+        (0 < config.val_fraction < 1, f"val_fraction must be in (0, 1), got {config.val_fraction}"),
         (config.patch_size is None or config.patch_size >= 1, f"patch_size must be >= 1, got {config.patch_size}"),
         (config.max_steps is None or config.max_steps >= 1, f"max_steps must be >= 1, got {config.max_steps}"),
         (config.log_every >= 1, f"log_every must be >= 1, got {config.log_every}"),

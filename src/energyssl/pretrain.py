@@ -254,7 +254,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     device = resolve_device(cfg.device, world)
     seed_everything(cfg.seed + world.rank)
 
-    dataset = load_dataset(cfg.data, train=True)
+    dataset = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
     info = dataset.info
     img_size = cfg.img_size or info.img_size
     train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
@@ -296,6 +296,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         "grad_mode": grad_mode,
         "frozen": json.dumps(dead),
         "corruption": json.dumps(cfg.corruption),
+        "val_fraction": str(cfg.val_fraction),
     }
     if cfg.resume:
         resume(cfg, model, optimizer, precision, state, metadata, world)
@@ -428,7 +429,7 @@ def nonfinite_causes(cfg: PretrainConfig, model: nn.Module, precision: Precision
 def held_out_images(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch.Tensor:
     """Up to 512 images of the test split (the training split when there is none), for the
     restoration report and the grids."""
-    held_out = load_held_out(cfg.data)
+    held_out = load_held_out(cfg.data, val_fraction=cfg.val_fraction)
     transform = eval_transform(info, img_size)
     return torch.stack([transform(held_out[i][0]) for i in range(min(len(held_out), RESTORATION_EVAL_IMAGES))])
 

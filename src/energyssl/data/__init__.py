@@ -9,7 +9,8 @@
 * ``torchvision:NAME:DIR`` -- any torchvision dataset class taking ``root, train`` (e.g. MNIST);
 * a folder path -- an image folder: class-per-subfolder, or a flat folder of unlabeled images;
   with ``train/`` and ``test/`` (or ``val/``) subfolders, each split is such a folder; without
-  them, a fixed 10% of each class is held out for evaluation and never trained on.
+  them, a fixed share of each class (``--val-fraction``, 10%) is held out for evaluation and
+  never trained on.
 
 Every dataset yields ``(PIL image, label)`` with label -1 when unknown.
 """
@@ -237,8 +238,11 @@ def load_torchvision(name: str, root: str, train: bool) -> ArrayDataset:
     return ArrayDataset(data, targets, len(getattr(ds, "classes", [])) or int(targets.max()) + 1)
 
 
-def load_dataset(spec: str, train: bool = True) -> ArrayDataset | ImageFolderDataset:
-    """The dataset named by ``spec`` (see the module docstring), training or test split."""
+def load_dataset(
+    spec: str, train: bool = True, val_fraction: float = HELD_OUT_FRACTION
+) -> ArrayDataset | ImageFolderDataset:
+    """The dataset named by ``spec`` (see the module docstring), training or test split; a folder
+    without its own split keeps ``val_fraction`` of each class apart as its test split."""
     kind, _, rest = spec.partition(":")
     if spec == "embedded":
         return load_embedded(train)
@@ -265,19 +269,21 @@ def load_dataset(spec: str, train: bool = True) -> ArrayDataset | ImageFolderDat
         if not found:  # never read the split folders themselves as classes
             raise UserError(f"{path} has train/ but no test/ or val/ split")
         return ImageFolderDataset(found[0])
-    return ImageFolderDataset(path).held_out_split(train)
+    return ImageFolderDataset(path).held_out_split(train, val_fraction)
 
 
-def load_held_out(spec: str, whole_folder: bool = False) -> ArrayDataset | ImageFolderDataset:
+def load_held_out(
+    spec: str, whole_folder: bool = False, val_fraction: float = HELD_OUT_FRACTION
+) -> ArrayDataset | ImageFolderDataset:
     """The test split of ``spec``, or its training split when it has none (reports, figures);
     with ``whole_folder``, all of a split-less folder (another domain, never trained on)."""
     path = Path(spec).expanduser()
     if whole_folder and path.is_dir() and not (path / "train").is_dir():
         return ImageFolderDataset(path)
     try:
-        return load_dataset(spec, train=False)
+        return load_dataset(spec, train=False, val_fraction=val_fraction)
     except UserError:
-        return load_dataset(spec, train=True)
+        return load_dataset(spec, train=True, val_fraction=val_fraction)
 
 
 class TransformedDataset(Dataset):

@@ -32,8 +32,8 @@ class EvalData:
 def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
     """Training split reduced to a class-balanced ``label_fraction`` (indices saved in
     ``labeled_subset.json``), and the test split."""
-    train = load_dataset(cfg.data, train=True)
-    test = load_dataset(cfg.data, train=False)
+    train = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
+    test = load_dataset(cfg.data, train=False, val_fraction=cfg.val_fraction)
     labels = dataset_labels(train)
     dataset_labels(test)
     subset = balanced_subset(labels, cfg.label_fraction, cfg.seed)
