@@ -298,12 +298,17 @@ def test_help_states_each_default_once(capsys):
     assert "input size (default: the dataset's image size)" in text and "(default: 64)" in text
 
 
-@pytest.mark.parametrize("model", ["essl_resnet_tiny", "essl_convnext_tiny", "essl_vit_tiny_patch4"])
-def test_every_preset_trains_20_steps_without_blowing_up(tmp_path, model):
-    """The restoration loss stays finite and within twice the corruption's own error (ResNet used to
-    reach 23x in 20 steps, its BatchNorm statistics moving under alpha; ConvNeXt started at 1e9)."""
+@pytest.mark.parametrize(
+    "model", ["essl_resnet_tiny", "essl_convnext_tiny", "essl_vit_tiny_patch4", "essl_vit_mini_patch7"]
+)
+def test_every_preset_learns_in_20_steps_from_init(tmp_path, model):
+    """Finite, and the restored error over the corruption's (batches differ in difficulty) lower in
+    the last 5 steps than in the first 5. ResNet's loss used to reach 23x the corruption's in 20
+    steps, its BatchNorm statistics moving under alpha; ConvNeXt's dE/dx started near 1e9."""
     out = tmp_path / "run"
-    args = ["pretrain", "--model", model, "--batch-size", "32", "--max-steps", "20", "--log-every", "5"]
+    args = ["pretrain", "--model", model, "--batch-size", "32", "--max-steps", "20", "--log-every", "1"]
     assert main([*args, "--no-tensorboard", "--vis-every", "0", "--out", str(out)]) == 0
     records = read_metrics(out / "metrics.jsonl")
-    assert all(math.isfinite(r["loss"]) and r["loss"] < 2 * r["corrupted_loss"] for r in records)
+    ratios = [r["loss"] / r["corrupted_loss"] for r in records]
+    assert len(ratios) == 20 and all(math.isfinite(r) for r in ratios)
+    assert sum(ratios[-5:]) < sum(ratios[:5])
