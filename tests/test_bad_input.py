@@ -78,3 +78,20 @@ def test_bad_arguments_and_files_are_one_line(bad_files, tmp_path, capsys, args,
     assert main([*args, *RUN, "--max-steps", "1", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_file_without_read_permission_is_skipped(messy, monkeypatch):
+    """Tests run as root, who reads any file: the refusal is simulated where Pillow opens it."""
+    import PIL.Image
+
+    locked = messy / "a" / "good0.png"
+    original = PIL.Image.open
+
+    def open_unless_locked(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", open_unless_locked)
+    data = load_dataset(str(messy))
+    assert data.skipped == 5 and locked not in [path for path, _ in data.samples]
