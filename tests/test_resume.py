@@ -3,6 +3,7 @@ checkpoint and `latest`) or interrupted (SIGINT) and then resumed logs exactly t
 uninterrupted run (bit-identical on CPU: every random state is in the checkpoint, augmentation
 is seeded per image and epoch, corruptions per step)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -110,3 +111,20 @@ def test_sigint_saves_the_step_and_the_printed_command_resumes_exactly(tmp_path,
     resumed = cli(*command[1:], "--max-steps", str(STEPS))
     assert resumed.returncode == 0, resumed.stderr[-1500:]
     assert losses(out) == uninterrupted
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "-m",
+           "energyssl", *RUN, "--max-steps", "400", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    steps = {int(part.split(";")[0]) for part in err.split("interrupted at step ")[1:]}
+    assert err.count("interrupted at step ") == 2 and len(steps) == 1, err[-2000:]  # both ranks, one step
+    assert (out / "latest").read_text().strip() == f"checkpoint-{steps.pop():08d}"
