@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the linter and the test suite (about a minute here).
+# Set up, then run the linter and the test suite (about 6 minutes from a fresh clone on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
