@@ -93,25 +93,24 @@ def test_a_killed_run_resumes_exactly(tmp_path, uninterrupted, moment, call, res
 
 def signal_after(
     cmd: list[str], out: Path, steps: int, sig: signal.Signals, env: dict | None = None
-) -> subprocess.Popen:
-    """Start ``cmd``, send ``sig`` once it has logged ``steps`` steps, and wait for it to end."""
+) -> tuple[int, str]:
+    """Start ``cmd``, send ``sig`` once it has logged ``steps`` steps; its exit status and stderr."""
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < steps:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     process.send_signal(sig)
-    process.stdout_text, process.stderr_text = process.communicate(timeout=120)
-    return process
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
 
 
 def test_sigint_saves_the_step_and_the_printed_command_resumes_exactly(tmp_path, uninterrupted):
     """Also with two loader workers: augmentation does not depend on who computes it."""
     out = tmp_path / "run"
     args = [*RUN, "--max-steps", "400", "--num-workers", "2", "--out", str(out)]
-    process = signal_after([sys.executable, "-m", "energyssl", *args], out, 5, signal.SIGINT)
-    err = process.stderr_text
-    assert process.returncode == 130, err[-1500:]
+    code, err = signal_after([sys.executable, "-m", "energyssl", *args], out, 5, signal.SIGINT)
+    assert code == 130, err[-1500:]
     stopped_at = int(err.split("interrupted at step ")[1].split(";")[0])
     assert (out / "latest").read_text().strip() == f"checkpoint-{stopped_at:08d}"
     command = err.split("Resume with: ")[1].split()
@@ -125,7 +124,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519"]
     cmd = [*torchrun, "-m", "energyssl", *RUN, "--max-steps", "400", "--out", str(out)]
-    err = signal_after(cmd, out, 3, signal.SIGTERM, env={**os.environ, "OMP_NUM_THREADS": "1"}).stderr_text
+    _, err = signal_after(cmd, out, 3, signal.SIGTERM, env={**os.environ, "OMP_NUM_THREADS": "1"})
     steps = {int(part.split(";")[0]) for part in err.split("interrupted at step ")[1:]}
     assert err.count("interrupted at step ") == 2 and len(steps) == 1, err[-2000:]  # both ranks, one step
     assert (out / "latest").read_text().strip() == f"checkpoint-{steps.pop():08d}"
