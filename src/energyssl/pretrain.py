@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,44 @@ def previous_choices(cfg: PretrainConfig) -> dict[str, str]:
     return {key: metadata[key] for key in ("grad_mode", "frozen") if key in metadata}
 
 
+@dataclass
+class ModelSetup:
+    """The model as training starts: what is checkpointed, what is trained, and how."""
+
+    model: nn.Module
+    objective: nn.Module
+    grad_mode: str
+    amp_dtype: torch.dtype | None
+    why: str  # the reason for the precision, printed at start
+    frozen: list[str]
+
+
+def setup_model(
+    cfg: PretrainConfig, info: DataInfo, img_size: int, example: torch.Tensor, device: torch.device, world: World
+) -> ModelSetup:
+    """Build the backbone and objective, choose the precision, freeze what cannot learn (a resumed
+    run: what it froze), and for a new run prime BatchNorm and size alpha on ``example``."""
+    cfg.patch_size = cfg.patch_size or default_patch_size(cfg.model, img_size, announce=world.is_main)
+    backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
+    previous = previous_choices(cfg)
+    if cfg.grad_mode == "auto" and "grad_mode" in previous:
+        cfg.grad_mode = previous["grad_mode"]
+    grad_mode, amp_dtype, why = resolve_precision(cfg, backbone, device)
+    model, objective = build_model(cfg, backbone, info, grad_mode)
+    channels_last_if_cnn(model.to(device), device)
+    if "frozen" in previous:
+        frozen = freeze_parameters(objective, json.loads(previous["frozen"]))
+    else:
+        frozen = freeze_unreached_parameters(objective, example)
+    if not cfg.resume and isinstance(objective, PretextObjective):  # before DDP, which broadcasts rank 0's
+        objective.model.prime_batchnorm(example)
+        if cfg.alpha_init is None:
+            alpha = objective.calibrate_alpha(example)
+            if world.is_main:
+                print(f"alpha starts at {alpha:.3g}: the first step covers half the corruption of a batch")
+    return ModelSetup(model, objective, grad_mode, amp_dtype, why, frozen)
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) a pretraining; returns the path of the exported backbone."""
     validate(cfg)
@@ -260,25 +299,15 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
     steps_per_epoch = len(loader)
 
-    cfg.patch_size = cfg.patch_size or default_patch_size(cfg.model, img_size, announce=world.is_main)
-    backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
-    previous = previous_choices(cfg)
-    if cfg.grad_mode == "auto" and "grad_mode" in previous:
-        cfg.grad_mode = previous["grad_mode"]
-    grad_mode, amp_dtype, why = resolve_precision(cfg, backbone, device)
-    model, objective = build_model(cfg, backbone, info, grad_mode)
-    channels_last_if_cnn(model.to(device), device)
     example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
-    if "frozen" in previous:
-        dead = freeze_parameters(objective, json.loads(previous["frozen"]))
-    else:
-        dead = freeze_unreached_parameters(objective, example)
-    if not cfg.resume and isinstance(objective, PretextObjective):  # before DDP, which broadcasts rank 0's
-        objective.model.prime_batchnorm(example)
-        if cfg.alpha_init is None:
-            alpha = objective.calibrate_alpha(example)
-            if world.is_main:
-                print(f"alpha starts at {alpha:.3g}: the first step covers half the corruption of a batch")
+    setup = setup_model(cfg, info, img_size, example, device, world)
+    model, objective, grad_mode, amp_dtype, dead = (
+        setup.model,
+        setup.objective,
+        setup.grad_mode,
+        setup.amp_dtype,
+        setup.frozen,
+    )
 
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
@@ -329,7 +358,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         )
         dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
         gradient = f"{grad_mode} gradient, " if cfg.method == "energy" else ""
-        print(f"precision: {gradient}{dtype}" + (f" ({why})" if why else ""))
+        print(f"precision: {gradient}{dtype}" + (f" ({setup.why})" if setup.why else ""))
 
     def save() -> None:
         states = random_states(world)  # collective under DDP
