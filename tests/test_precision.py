@@ -141,3 +141,15 @@ def test_attentive_probe_checks_tokens_on_the_models_device_in_eval_mode(tmp_pat
     args = ["probe", "--protocol", "attentive", "--model", "essl_resnet_tiny", "--label-fraction", "0.02"]
     args += ["--epochs", "1", "--max-steps", "2", "--device", "cpu", "--no-tensorboard", "--out", str(tmp_path)]
     assert main(args) == 0
+
+
+def test_channels_last_only_for_convolutional_backbones_on_gpus():
+    from energyssl import EnergyModel, create_backbone
+    from energyssl.precision import channels_last_if_cnn
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    resnet = EnergyModel(create_backbone("essl_resnet_tiny", in_chans=1))
+    vit = tiny_vit()
+    with mock.patch.object(torch.nn.Module, "to", lambda self, **kwargs: kwargs.get("memory_format")):
+        assert channels_last_if_cnn(resnet, cuda) == torch.channels_last
+        assert channels_last_if_cnn(vit, cuda) is vit and channels_last_if_cnn(resnet, cpu) is resnet

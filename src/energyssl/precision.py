@@ -96,9 +96,10 @@ def choose_precision(
 
 
 def channels_last_if_cnn(model: nn.Module, device: torch.device) -> nn.Module:
-    """Channels-last memory format for convolutional backbones on GPUs (faster cuDNN kernels);
-    token models gain nothing from it."""
-    if device.type == "cuda" and not hasattr(model, "patch_embed"):
+    """Channels-last memory format for a model around a convolutional backbone, on GPUs (faster
+    cuDNN kernels); token models (a ``patch_embed``) gain nothing from it."""
+    backbone = getattr(model, "backbone", model)
+    if device.type == "cuda" and not hasattr(backbone, "patch_embed"):
         return model.to(memory_format=torch.channels_last)
     return model
 
