@@ -89,8 +89,9 @@ def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bo
     to the model's channels and size."""
     dataset = load_held_out(spec, whole_folder=foreign, val_fraction=loaded.val_fraction)
     mode = "L" if loaded.in_chans == 1 else "RGB"
-    if dataset.info.in_chans != loaded.in_chans:
-        print(f"{spec}: {dataset.info.in_chans}-channel images converted to the model's {loaded.in_chans} ({mode})")
+    chans = len(dataset[0][0].getbands())  # the first image's; ``info`` would compute the data's statistics
+    if chans != loaded.in_chans:
+        print(f"{spec}: {chans}-channel images converted to the model's {loaded.in_chans} ({mode})")
     transform = transforms.Compose(
         [transforms.Lambda(lambda img: img.convert(mode)), eval_transform(_info(loaded), loaded.img_size)]
     )

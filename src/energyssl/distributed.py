@@ -105,10 +105,11 @@ def random_states(world: World) -> list[dict[str, Any]]:
     """Every process's random states (torch CPU and CUDA, numpy, Python), rank by rank, for a
     checkpoint: dropout, drop-path and Langevin noise then continue as if never interrupted.
     A collective call under DDP."""
+    _, numpy_keys, numpy_pos, *_ = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "numpy_pos": int(numpy_pos),
         "python": list(random.getstate()[1]),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -49,10 +49,14 @@ class Restoration:
     baseline: Tensor | None = None
 
 
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextmanager
 def batchnorm_uses_running_stats(module: nn.Module) -> Iterator[None]:
     """Put BatchNorm layers in eval mode so one image's energy does not depend on its batch."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    norms = [m for m in batchnorms(module) if m.training]
     for m in norms:
         m.eval()
     try:
@@ -68,7 +72,7 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 
 def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    return bool(batchnorms(module))
 
 
 NON_SMOOTH_LAYERS = (
@@ -225,7 +229,7 @@ class EnergyModel(nn.Module):
         """Set BatchNorm running statistics to a clean batch's before the first step. The energy
         passes use them; left at their initial (0, 1) they move to the data's within a few dozen
         steps, dE/dx grows with them, and steps sized at the start overshoot ever more."""
-        norms = [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = batchnorms(self.backbone)
         momenta = [m.momentum for m in norms]
         for m in norms:
             m.reset_running_stats()

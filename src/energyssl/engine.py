@@ -141,17 +141,7 @@ def train_step(
     if not finite:
         raise NonFiniteLoss(f"loss is {out.loss.item()} at step {step}")
     optimizer.zero_grad(set_to_none=True)
-    scaler = precision.scaler
-    (out.loss if scaler is None else scaler.scale(out.loss)).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if clip_grad is not None:
-        nn.utils.clip_grad_norm_(objective.parameters(), clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    precision.backward_and_step(out.loss, optimizer, clip_grad, objective.parameters())
     return out
 
 

@@ -10,7 +10,7 @@ then skipped) and doubled after a run of good steps, as GradScaler does for the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -121,6 +121,24 @@ class Precision:
 
     def autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def backward_and_step(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: float | None = None,
+        parameters: Iterable[nn.Parameter] = (),
+    ) -> None:  # fmt: skip
+        """Backward, optional gradient clipping, optimizer step; under fp16 through GradScaler
+        (unscaled before clipping), which skips a step whose gradients overflow."""
+        scaler = self.scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if clip_grad is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(parameters, clip_grad)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
 
     @property
     def input_grad_scale(self) -> float:

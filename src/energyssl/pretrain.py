@@ -379,9 +379,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         if logger is not None:
             logger.log(state.step, record)
 
-    last_step = (
-        cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    )
+    last_step = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
 
     def train_epoch(epoch: int) -> bool:
         """Train the rest of ``epoch`` (a resumed run skips the batches already trained on);

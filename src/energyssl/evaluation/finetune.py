@@ -59,17 +59,6 @@ def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> t
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, layer_decay=decay)
 
 
-def scaled_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """Backward and step; under fp16 through GradScaler, which skips steps that overflow."""
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.eval_every < 1 or cfg.epochs < 1:
         raise UserError(f"epochs and eval_every must be >= 1, got {cfg.epochs} and {cfg.eval_every}")
@@ -141,7 +130,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if not torch.isfinite(loss):
                 raise UserError(f"fine-tuning loss is {loss.item()} at step {step}; lower --blr")
             optimizer.zero_grad(set_to_none=True)
-            scaled_step(loss, optimizer, precision.scaler)
+            precision.backward_and_step(loss, optimizer)
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
