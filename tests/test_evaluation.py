@@ -37,7 +37,7 @@ def test_probes_beat_chance(pretrained, tmp_path, protocol):
     r = _results(out)
     assert r["metrics"]["top1"] > 30.0, r["metrics"]
     assert r["protocol"] == protocol and r["checkpoint"].endswith(BACKBONE) and len(r["checkpoint_sha256"]) == 64
-    assert r["labeled_images"] == 4000
+    assert r["labeled_images"] == 3600  # the training labels minus the validation tenth
 
 
 def test_probe_features_are_cached(pretrained, tmp_path, capsys):
@@ -69,18 +69,18 @@ def test_finetune_from_pretrained_and_from_scratch(pretrained, tmp_path):
     ]
     for init in (str(pretrained), "none"):
         out = tmp_path / ("pre" if init != "none" else "scratch")
-        every = 4 if init == "none" else 1
-        assert (
-            main(["finetune", "--init", init, "--out", str(out), *common, "--blr", "1e-2", "--eval-every", str(every)])
-            == 0
-        )
-        evaluated = [row["epoch"] for row in read_metrics(out / "metrics.jsonl") if "test_top1" in row]
+        every, split = (4, "test") if init == "none" else (1, "val")
+        flags = ["--blr", "1e-2", "--eval-every", str(every), "--eval-split", split]
+        assert main(["finetune", "--init", init, "--out", str(out), *common, *flags]) == 0
+        evaluated = [row["epoch"] for row in read_metrics(out / "metrics.jsonl") if f"{split}_top1" in row]
         assert evaluated == ([3, 5] if every == 4 else list(range(6)))  # every N epochs, and the last
         r = _results(out)
-        assert (
-            r["metrics"]["top1"] > 30.0 and "top5" in r["metrics"] and r["metrics"]["top1_best"] >= r["metrics"]["top1"]
-        )
-        assert r["labeled_images"] == 1000
+        assert r["metrics"]["top1"] > 30.0 and "top5" in r["metrics"]
+        if split == "val":  # the epoch to keep is chosen on validation, never on test
+            assert r["metrics"]["top1_best"] >= r["metrics"]["top1"] and 0 <= r["metrics"]["best_epoch"] < 6
+        else:
+            assert "top1_best" not in r["metrics"]
+        assert r["labeled_images"] == 1000 and r["eval_split"].startswith(split)
     assert _results(tmp_path / "pre")["loaded_tensors"] > 0 and _results(tmp_path / "scratch")["checkpoint"] is None
 
 
@@ -126,6 +126,27 @@ def test_labeled_subset_is_balanced_and_reproducible():
     assert np.bincount(labels[balanced_subset(labels, 0.001, seed=0)]).tolist() == [1] * 10
 
 
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 1.0])
+def test_no_validation_or_test_image_is_ever_trained_on(tmp_path, fraction):
+    from energyssl.config import FinetuneConfig
+    from energyssl.evaluation.common import load_eval_data
+
+    test_images = load_eval_data(FinetuneConfig(eval_split="test"), tmp_path).scored
+    subsets, vals = [], []
+    for seed in (0, 1, 2):
+        data = load_eval_data(FinetuneConfig(label_fraction=fraction, seed=seed, eval_split="val"), tmp_path)
+        assert not set(data.subset) & set(data.val)  # chosen-on images are never learnt from
+        assert [data.scored.indices, data.train.indices] == [data.val.tolist(), data.subset.tolist()]
+        assert data.scored.dataset is data.train.dataset is not test_images  # val comes from the training split
+        subsets.append(data.subset)
+        vals.append(data.val)
+    labels = data.train.dataset.labels
+    assert all(np.array_equal(v, vals[0]) for v in vals)  # one validation split whatever the seed
+    assert np.bincount(labels[vals[0]]).tolist() == [40] * 10  # 10% of each of 10 classes of 400
+    assert len(subsets[0]) == round(fraction * 4000) - (400 if fraction == 1 else 0)
+    assert fraction == 1 or not np.array_equal(subsets[0], subsets[1])
+
+
 def test_knn_votes_follow_the_nearest_neighbours():
     train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     train_y = torch.tensor([0, 0, 1])
@@ -157,5 +178,5 @@ def test_evaluation_on_a_folder_without_splits_uses_the_held_out_tenth(tmp_path,
     args = ["finetune", "--data", str(data), "--model", "essl_vit_micro_patch7", "--epochs", "1", "--batch-size", "4"]
     assert main([*args, "--no-tensorboard", "--out", str(tmp_path / "ft")]) == 0
     record = json.loads((tmp_path / "ft" / "results.json").read_text())
-    assert record["labeled_images"] == 18 and "a fixed 10% of each class" in record["test_split"]
-    assert "test split: a fixed 10% of each class" in capsys.readouterr().out
+    assert record["labeled_images"] == 16 and "a fixed 10% of each class" in record["eval_split"]
+    assert "scored on a fixed 10% of each class" in capsys.readouterr().out

@@ -120,7 +120,13 @@ class EvalConfig(CommonConfig):
 
     init: str = _opt("none", "pretrained run folder, checkpoint folder or .safetensors file; 'none' = random init")
     model: str | None = _opt(None, "backbone name (default: the checkpoint's; essl_vit_mini_patch7 with --init none)")
-    label_fraction: float = _opt(1.0, "fraction of the labeled training set, drawn class-balanced with --seed")
+    label_fraction: float = _opt(
+        1.0, "fraction of the training labels learnt from, drawn class-balanced (--seed) outside the validation split"
+    )
+    val_size: float = _opt(
+        0.1, "share of each class of the training labels kept apart as the validation split (fixed; 0: none)"
+    )
+    eval_split: str = _opt("test", "split scored: val (to choose settings) or test (once, for the final numbers)")
     blr: float = _opt(2e-3, "base learning rate; the actual lr is blr * batch / 256")
     out: str = _opt("runs/eval", "output folder: results.json, metrics.jsonl, config.yaml")
 
@@ -136,7 +142,7 @@ class FinetuneConfig(EvalConfig):
     randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
     crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
-    eval_every: int = _opt(1, "evaluate on the test set every N epochs (and always after the last)")
+    eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
     out: str = _opt("runs/finetune", "output folder: results.json, metrics.jsonl, config.yaml")
 
 

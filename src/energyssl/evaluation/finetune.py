@@ -78,8 +78,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         num_workers=workers,
         pin_memory=pin,
     )
-    test_loader = DataLoader(
-        TransformedDataset(data.test, eval_transform(data.info, data.img_size)),
+    scored_loader = DataLoader(
+        TransformedDataset(data.scored, eval_transform(data.info, data.img_size)),
         batch_size=256,
         num_workers=workers,
         pin_memory=pin,
@@ -114,7 +114,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         f"init {setup.init.path or 'random'}, lr {base_lr:.2e}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
     )
 
-    step, best, metrics = 0, 0.0, {}
+    step, best, metrics = 0, (0.0, -1), {}
     for epoch in range(cfg.epochs):
         model.train()
         for images, targets in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True):
@@ -138,17 +138,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 logger.log(step, {"epoch": epoch, "loss": loss.item(), "lr": lr_at(step - 1)})
         last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
         if last or (epoch + 1) % cfg.eval_every == 0:
-            metrics = evaluate_classifier(model, test_loader, device)
+            metrics = evaluate_classifier(model, scored_loader, device)
             if ema is not None:
-                ema_metrics = evaluate_classifier(ema.module, test_loader, device)
+                ema_metrics = evaluate_classifier(ema.module, scored_loader, device)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-            best = max(best, metrics["top1"])
-            logger.log(step, {"epoch": epoch, **{f"test_{k}": v for k, v in metrics.items()}})
+            best = max(best, (metrics["top1"], epoch))
+            logger.log(step, {"epoch": epoch, **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}})
             print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         if last:
             break
     logger.close()
-    metrics["top1_best"] = best
+    if cfg.eval_split == "val":  # epochs are chosen on validation; the best test epoch is never reported
+        metrics["top1_best"], metrics["best_epoch"] = best
     record = results_record(cfg, setup, "finetune", metrics, len(data.train))
     write_results(setup.out, record)
     print(summary_line(record))

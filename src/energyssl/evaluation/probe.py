@@ -165,10 +165,23 @@ def probe(cfg: ProbeConfig) -> dict:
         split: DataLoader(
             TransformedDataset(ds, transform), batch_size=256, num_workers=workers, pin_memory=device.type == "cuda"
         )
-        for split, ds in (("train", data.train), ("test", data.test))
+        for split, ds in (("train", data.train), ("test", data.scored))
     }
     key = ":".join(
-        map(str, (setup.init.sha256, setup.model_name, cfg.data, cfg.label_fraction, cfg.seed, data.img_size, tokens))
+        map(
+            str,
+            (
+                setup.init.sha256,
+                setup.model_name,
+                cfg.data,
+                cfg.label_fraction,
+                cfg.seed,
+                data.img_size,
+                tokens,
+                cfg.val_size,
+                cfg.eval_split,
+            ),
+        )
     )
     cache = setup.out / ("tokens.safetensors" if tokens else "features.safetensors")
     feats = cached_features(model, loaders, device, tokens, cache, key)

@@ -80,16 +80,18 @@ def report(paths: list[str]) -> str:
             raise UserError(f"no such file or folder: {p}")
     if not files:
         raise UserError(f"no {RESULTS} found under {', '.join(paths)}")
-    rows = ["| run | protocol | model | init | data | labels | seed | top-1 | best top-1 | top-5 | time (s) |"]
-    rows.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = ["| run | protocol | model | init | data | labels | seed | scored on | top-1 | best val top-1 | top-5 |"
+            " time (s) |"]  # fmt: skip
+    rows.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for f in files:
         try:
             r = json.loads(f.read_text())
             m = r["metrics"]
             init = Path(r["checkpoint"]).parent.name if r.get("checkpoint") else "random init"
+            scored = r["config"].get("eval_split", "test")
             rows.append(
                 f"| {f.parent.name} | {r['protocol']} | {r['model']} | {init} | {r['dataset']} | "
-                f"{r['label_fraction']:g} | {r['seed']} | {m['top1']:.2f} | {_fmt(m.get('top1_best'))} | "
+                f"{r['label_fraction']:g} | {r['seed']} | {scored} | {m['top1']:.2f} | {_fmt(m.get('top1_best'))} | "
                 f"{_fmt(m.get('top5'))} | {r['wall_time_s']:.0f} |"
             )
         except (KeyError, ValueError, TypeError):
