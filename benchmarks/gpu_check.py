@@ -37,8 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 import energyssl.energy as energy_module
 from energyssl import EnergyModel, create_backbone
@@ -49,6 +47,7 @@ from energyssl.corruptions import TASKS, build_corruption
 from energyssl.data import load_dataset
 from energyssl.distributed import World
 from energyssl.engine import train_step
+from energyssl.flops import count_flops
 from energyssl.metrics import read_metrics
 from energyssl.objective import build_objective, freeze_unreached_parameters
 from energyssl.precision import Precision
@@ -161,23 +160,6 @@ def method_step(method: str, scale: Scale, precision: Precision) -> tuple[Callab
     return lambda: train_step(model, images, generator, optimizer, precision, steps, None, World(), 0), model
 
 
-class FlopCount(TorchDispatchMode):
-    """Sums ``torch.utils.flop_counter``'s FLOP formulas over every op dispatched, backward and
-    double backward included. (FlopCounterMode itself tracks modules with backward hooks, which
-    ``autograd.grad`` on an input refuses.)"""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func._overloadpacket in flop_registry:
-            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
-        return out
-
-
 def step_costs(scale: Scale, ceiling: float) -> list[dict[str, Any]]:
     """Every method's step cost; one that fails (out of memory, say) is a row with its error."""
     rows = []
@@ -212,9 +194,7 @@ def step_cost(method: str, amp: str, scale: Scale, ceiling: float) -> dict[str, 
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    with FlopCount() as counter:
-        step()
-    flops = counter.total / scale.step_batch
+    flops = count_flops(step) / scale.step_batch
     tflops = flops * scale.step_batch / seconds / 1e12
     return {
         "method": method, "amp": amp, "img_per_s": scale.step_batch / seconds, "peak_gb": peak,

@@ -59,6 +59,28 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(method, task):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_mae_follows_the_paper_scaled_to_the_encoder():
+    """ViT-B gets the paper's decoder (512 wide, 8 deep, 16 heads); the mini ViT 2/3 of its
+    width and depth. The encoder's positions are fixed 2-D sin-cos and stay so in training."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    base = build_baseline("mae", timm.create_model("vit_base_patch16_224"), "mixed", {}, {}, 3, (0.5,), (0.5,))
+    block = base.decoder.blocks[0]
+    assert (base.decoder.embed.out_features, len(base.decoder.blocks), block.attn.num_heads) == (512, 8, 16)
+    mae = build_baseline("mae", create_backbone("essl_vit_mini_patch7"), "mixed", {}, {}, 1, (0.5,), (0.5,))
+    assert (mae.decoder.embed.out_features, len(mae.decoder.blocks)) == (96, 3)
+    pos = mae.backbone.pos_embed
+    torch.testing.assert_close(pos[0, 1:], build_sincos2d_pos_embed([4, 4], dim=128))
+    assert not pos.requires_grad and not pos[0, 0].any()
+    qkv = mae.backbone.blocks[0].attn.qkv.weight  # Xavier-uniform: bound sqrt(6 / (fan_in + fan_out))
+    assert qkv.abs().max() <= (6 / (128 + 384)) ** 0.5 and qkv.std() > 0.8 * (2 / (128 + 384)) ** 0.5
+    optimizer = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=1e-2)
+    before, qkv_before = pos.clone(), qkv.detach().clone()
+    mae(torch.randn(4, 1, 28, 28), torch.Generator().manual_seed(0)).loss.backward()
+    optimizer.step()
+    assert torch.equal(pos, before) and not torch.equal(qkv, qkv_before)
+
+
 def test_baselines_need_a_vit():
     with pytest.raises(UserError, match="needs a ViT"):
         build_baseline("mae", create_backbone("essl_resnet_tiny", in_chans=1), "mixed", {}, {}, 1, (0.5,), (0.5,))

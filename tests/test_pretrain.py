@@ -210,6 +210,18 @@ def test_time_budget_stops_the_run_and_decays_the_lr_within_it(tmp_path):
     assert rows[-1]["lr"] < 0.2 * rows[0]["lr"]  # the cosine ran its course within the budget
 
 
+def test_a_fraction_of_an_epoch_is_a_step_exact_schedule(tmp_path):
+    """250 steps per epoch: 0.025 epochs is 6 steps, and the cosine ends with the run, not
+    somewhere in a longer schedule cut short."""
+    out = tmp_path / "run"
+    args = ["pretrain", *TINY, "--out", str(out), "--epochs", "0.025", "--warmup-epochs", "0", "--task", "grid_mask"]
+    assert main(args) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and load_training_state(find_checkpoint(out))["step"] == 6
+    base = rows[0]["lr"]
+    assert [r["lr"] for r in rows] == pytest.approx([cosine_lr(s, base, 0.0, 0, 6) for s in range(6)])
+
+
 def test_default_model_adapts_its_patch_to_32_px_images(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--img-size", "32", "--batch-size", "8", "--max-steps", "1", "--no-tensorboard"]

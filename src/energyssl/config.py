@@ -70,6 +70,9 @@ class CommonConfig:
 
 @dataclass
 class PretrainConfig(CommonConfig):
+    epochs: float = _opt(
+        10.0, "training epochs; a fraction is fine: warmup and cosine span exactly round(epochs x steps/epoch) steps"
+    )
     method: str = _opt("energy", "energy (the method), or a baseline in the same harness: mae, ae (AE + --task), cae")
     method_options: dict = _opt(
         {}, "options of a baseline, e.g. {mask_ratio: 0.75, decoder_depth: 2} (see energyssl.baselines)"

@@ -248,7 +248,7 @@ def lr_schedule(
 ) -> Callable[[int], float]:
     """Warmup plus cosine over ``--epochs`` (``--max-steps`` stops early, never reshapes it); with
     a time budget (seconds) the schedule's position is the share of the budget spent."""
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = schedule_steps(cfg, steps_per_epoch)
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
 
     def lr_at(step: int) -> float:
@@ -257,6 +257,12 @@ def lr_schedule(
         return cosine_lr(step, base_lr, cfg.min_lr, warmup, total_steps)
 
     return lr_at
+
+
+def schedule_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
+    """Steps the schedule spans: ``--epochs`` may be a fraction, so a run can last exactly the
+    steps a compute budget buys."""
+    return max(1, round(cfg.epochs * steps_per_epoch))
 
 
 def resume(
@@ -351,7 +357,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             f"{cfg.method} on {len(train_set)} images of {getattr(dataset, 'split', cfg.data)}, task {cfg.task}"
             + (f", K={cfg.steps}" if cfg.method == "energy" else "")
             + f", lr {base_lr:.2e}, "
-            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs:g} epochs"
             + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
             + f", {world.size} process(es), {device}"
             + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
@@ -379,7 +385,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         if logger is not None:
             logger.log(state.step, record)
 
-    last_step = min(cfg.max_steps or cfg.epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
+    last_step = min(cfg.max_steps or schedule_steps(cfg, steps_per_epoch), schedule_steps(cfg, steps_per_epoch))
 
     def train_epoch(epoch: int) -> bool:
         """Train the rest of ``epoch`` (a resumed run skips the batches already trained on);
@@ -397,7 +403,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     grids = figures is not None and held_out is not None and cfg.vis_every > 0
     try:
         with StopRequest() as stop:
-            while state.epoch < cfg.epochs and not budget_spent(state, cfg.max_steps, time_budget):
+            while not budget_spent(state, last_step, time_budget):
                 stopped = train_epoch(state.epoch)
                 if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
                     state.epoch += 1

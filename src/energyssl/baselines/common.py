@@ -102,6 +102,32 @@ def encode(vit: VisionTransformer, tokens: Tensor) -> Tensor:
     return vit.norm(vit.blocks(vit.norm_pre(torch.cat([prefix, tokens], dim=1))))
 
 
+def fix_sincos_positions(vit: VisionTransformer) -> None:
+    """Replace the learned position embedding by fixed 2-D sin-cos values (MAE's encoder); the
+    class token's position is zero. Fine-tuning starts from them and may learn them."""
+    table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), dim=vit.embed_dim)
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        patch_positions(vit).copy_(table.unsqueeze(0))
+    vit.pos_embed.requires_grad_(False)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """MAE's initialisation: Xavier-uniform linear layers and patch projection (as a linear
+    map), zero biases, unit norms, tokens N(0, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, VisionTransformer):
+            nn.init.xavier_uniform_(m.patch_embed.proj.weight.view(m.embed_dim, -1))
+            nn.init.normal_(m.cls_token, std=0.02)
+
+
 class LightDecoder(nn.Module):
     """Linear embedding, learned mask token, fixed sin-cos positions (optional), a few transformer
     blocks and a linear prediction: MAE's decoder, sized down."""

@@ -1,5 +1,10 @@
 """MAE (He et al. 2022): the encoder sees only the visible patches (random 75% masked), a light
-decoder with mask tokens predicts the pixels, and the loss counts the masked patches."""
+decoder with mask tokens predicts the pixels, and the loss counts the masked patches.
+
+As the paper: fixed 2-D sin-cos positions in the encoder, Xavier initialisation, normalised
+pixel targets, and a decoder sized as ViT-B's (512 wide, 8 deep, 32-dim heads for a 768-wide,
+12-deep encoder), scaled to the encoder: 2/3 of its width (a multiple of 32) and of its depth.
+On the 128-wide, 4-deep mini ViT that is 96 wide and 3 deep."""
 
 from __future__ import annotations
 
@@ -11,27 +16,36 @@ from .common import (
     LightDecoder,
     embed_patches,
     encode,
+    fix_sincos_positions,
     gather,
     normalise_patches,
     patchify,
     random_split,
     require_vit,
+    xavier_init,
 )
+
+HEAD_DIM = 32  # MAE's decoder heads: 512 / 16
 
 
 class MAE(nn.Module):
     def __init__(
-        self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int = 128, decoder_depth: int = 2,
-        norm_pix_loss: bool = True,
+        self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int | None = None,
+        decoder_depth: int | None = None, norm_pix_loss: bool = True, sincos_positions: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.backbone = require_vit(backbone, "mae")
+        self.backbone = vit = require_vit(backbone, "mae")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        patch = self.backbone.patch_embed.patch_size[0]
-        out = patch * patch * self.backbone.patch_embed.proj.in_channels
-        self.decoder = LightDecoder(
-            self.backbone.embed_dim, self.backbone.patch_embed.grid_size, out, decoder_dim, decoder_depth
-        )
+        dim = decoder_dim or max(HEAD_DIM, HEAD_DIM * round(vit.embed_dim * 2 / 3 / HEAD_DIM))
+        depth = decoder_depth or max(1, round(len(vit.blocks) * 2 / 3))
+        heads = dim // HEAD_DIM if dim % HEAD_DIM == 0 else 4 if dim % 4 == 0 else 1
+        patch = vit.patch_embed.patch_size[0]
+        out = patch * patch * vit.patch_embed.proj.in_channels
+        self.decoder = LightDecoder(vit.embed_dim, vit.patch_embed.grid_size, out, dim, depth, heads)
+        xavier_init(self)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        if sincos_positions:
+            fix_sincos_positions(vit)
 
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, steps: int = 1, grad_scale: float = 1.0
