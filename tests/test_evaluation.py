@@ -40,6 +40,16 @@ def test_probes_beat_chance(pretrained, tmp_path, protocol):
     assert r["labeled_images"] == 3600  # the training labels minus the validation tenth
 
 
+def test_raw_pixels_are_a_probe_floor_and_not_a_fine_tuning_init(tmp_path, capsys):
+    assert main(["probe", "--protocol", "knn", "--init", "pixels", "--out", str(tmp_path / "knn")]) == 0
+    r = _results(tmp_path / "knn")
+    assert r["model"] == "pixels" and r["metrics"]["top1"] > 60.0  # kNN on Fashion-MNIST pixels is strong
+    features = load_file(tmp_path / "knn" / "features.safetensors")
+    assert features["train_x"].shape == (3600, 28 * 28)
+    assert main(["finetune", "--init", "pixels", "--out", str(tmp_path / "ft")]) == 2
+    assert "--init pixels is for probes" in capsys.readouterr().err
+
+
 def test_probe_features_are_cached(pretrained, tmp_path, capsys):
     out = tmp_path / "knn"
     args = ["probe", "--protocol", "knn", "--init", str(pretrained), "--out", str(out)]

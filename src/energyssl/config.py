@@ -121,7 +121,9 @@ class PretrainConfig(CommonConfig):
 class EvalConfig(CommonConfig):
     """Keys shared by the downstream commands (fine-tune and probes)."""
 
-    init: str = _opt("none", "pretrained run folder, checkpoint folder or .safetensors file; 'none' = random init")
+    init: str = _opt(
+        "none", "pretrained run folder, checkpoint folder or .safetensors file; 'none': random init; 'pixels' (probes)"
+    )
     model: str | None = _opt(None, "backbone name (default: the checkpoint's; essl_vit_mini_patch7 with --init none)")
     label_fraction: float = _opt(
         1.0, "fraction of the training labels learnt from, drawn class-balanced (--seed) outside the validation split"

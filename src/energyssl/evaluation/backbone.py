@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from ..checkpoint import BACKBONE, LATEST, WEIGHTS, describe_mismatch, find_checkpoint, read_metadata
 from ..errors import UserError
@@ -56,6 +56,19 @@ def backbone_state(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return state, metadata
 
 
+class Pixels(nn.Module):
+    """The image itself as the feature: the floor a learned representation must beat
+    (``probe --init pixels``)."""
+
+    num_prefix_tokens = 0
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        return images
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features.flatten(1)
+
+
 def build_classifier(
     init: str,
     model_name: str | None,
@@ -65,7 +78,10 @@ def build_classifier(
     patch_size: int | None = None,
     **model_args: Any,
 ) -> tuple[nn.Module, str, Initialisation]:
-    """A timm classifier with ``num_classes`` outputs, initialised from ``init`` (or 'none')."""
+    """A timm classifier with ``num_classes`` outputs, initialised from ``init`` (or 'none'; or
+    'pixels', no network at all, for probes)."""
+    if init == "pixels":
+        return Pixels(), "pixels", Initialisation(None, None, 0)
     if init == "none":
         name = model_name or DEFAULT_MODEL
         patch_size = patch_size or default_patch_size(name, img_size)

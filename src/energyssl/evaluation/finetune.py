@@ -62,6 +62,8 @@ def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> t
 def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.eval_every < 1 or cfg.epochs < 1:
         raise UserError(f"epochs and eval_every must be >= 1, got {cfg.epochs} and {cfg.eval_every}")
+    if cfg.init == "pixels":
+        raise UserError("--init pixels is for probes (the raw-pixel floor); fine-tuning needs a network")
     setup = prepare(cfg, drop_path_rate=cfg.drop_path)
     device, data, model = setup.device, setup.data, setup.model
     num_classes = data.info.num_classes
