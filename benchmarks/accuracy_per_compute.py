@@ -1,141 +1,124 @@
-"""Accuracy per unit of compute: pretrain each method for the same wall-clock budget, then
-fine-tune every encoder and a random init with one recipe on a few label fractions and seeds,
-probe them (kNN, linear), and write a Markdown report.
+"""Accuracy per unit of compute, measured so that it survives a rerun.
 
-Runs one job at a time through the `energyssl` command line (two trainings at once would
-distort each other's speed). A finished run is kept and skipped when the script is rerun, so
-an interrupted benchmark continues where it stopped.
+* Budgets are FLOPs (multiples of one supervised epoch: a forward and backward pass of the
+  classifier over the training images), converted to steps per method; warmup and cosine span
+  exactly those steps. Wall time is measured and shown, but no budget depends on it.
+* Every choice is made on a validation split carved from the training labels (`--eval-split
+  val`); the test split is read once per final configuration.
+* Every method gets the same tuning: 3 learning rates, then 2 method variants at the best one.
+* Final numbers come from 3 pretraining seeds; differences to the energy method are paired by
+  seed, with a 95% interval.
 
-    python benchmarks/accuracy_per_compute.py --data fashion-mnist --time-budget 20
-    python benchmarks/accuracy_per_compute.py --methods energy-k1 energy-mixed energy-k4  # K ablation
+Stages, each a command that keeps finished runs (rerun it to continue an interrupted one):
+
+    python benchmarks/accuracy_per_compute.py --stage recipe     # fine-tuning recipe, random init, on val
+    python benchmarks/accuracy_per_compute.py --stage sweep      # per method: lr, then variants, on val
+    python benchmarks/accuracy_per_compute.py --stage seeds      # chosen settings, 3 pretraining seeds, test
+    python benchmarks/accuracy_per_compute.py --stage curve      # chosen settings, other budgets, test
+    python benchmarks/accuracy_per_compute.py --stage reference  # raw pixels and 100% labels, test
+    python benchmarks/accuracy_per_compute.py --stage report     # tables, intervals, the curve's PNG
+
+Runs one training at a time. With `--disturbed` the stage's wall times are marked as taken while
+the machine did other work (the budgets, in FLOPs, are unaffected).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import yaml
-
 from energyssl.checkpoint import find_checkpoint, load_training_state
+from energyssl.cli import build_parser
+from energyssl.config import PretrainConfig, resolve
+from energyssl.data import load_dataset
+from energyssl.flops import pretrain_step_flops, supervised_step_flops
 
-# name -> `energyssl pretrain` arguments; every variant also gets --data, --model and the budget.
-# Explicit about K and the gradient so that a change of defaults does not change a variant.
-OLD_DEFAULTS = ["--method", "energy", "--task", "mixed", "--steps", "2", "--grad-mode", "exact"]
-VARIANTS: dict[str, list[str]] = {
-    "energy-defaults": ["--method", "energy"],  # what `energyssl pretrain` does unless told otherwise
-    "energy-mixed": OLD_DEFAULTS,
-    "energy-masking": [*OLD_DEFAULTS, "--task", "masking"],
-    "energy-fast": [*OLD_DEFAULTS, "--grad-mode", "fast"],
-    "energy-k1": [*OLD_DEFAULTS, "--steps", "1"],
-    "energy-k4": [*OLD_DEFAULTS, "--steps", "4"],
-    "mae": ["--method", "mae"],
-    "cae": ["--method", "cae"],
+
+@dataclass(frozen=True)
+class Method:
+    """A pretraining method as the benchmark runs it: its flags, and the two variants tried at
+    its best learning rate (the same tuning effort for every method)."""
+
+    flags: list[str]
+    variants: dict[str, list[str]] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    # Explicit about task, K and gradient, so that a change of defaults does not change a row.
+    "energy": Method(
+        ["--method", "energy", "--task", "masking", "--steps", "1", "--grad-mode", "fast"],
+        {"K2": ["--steps", "2"], "mixed": ["--task", "mixed"]},
+    ),
+    "mae": Method(
+        ["--method", "mae"],
+        {
+            "dec512x1": ["--method-options", "{decoder_dim: 512, decoder_depth: 1}"],  # lightly's example
+            "dec96x1": ["--method-options", "{decoder_depth: 1}"],  # the paper: depth 1 suffices to fine-tune
+        },
+    ),
+    "cae": Method(
+        ["--method", "cae"],
+        {"mask75": ["--method-options", "{mask_ratio: 0.75}"], "align1": ["--method-options", "{align_weight: 1}"]},
+    ),
 }
-SCRATCH = "scratch"
-DEFAULT_METHODS = ["energy-defaults", "energy-mixed", "energy-masking", "energy-fast", "mae", "cae"]
-# One fine-tuning recipe for every init: the paper's without mixup, cutmix and RandAugment,
-# which underfit at CPU-sized budgets.
-FINETUNE_RECIPE = ["--mixup", "0", "--cutmix", "0", "--randaug", "", "--warmup-epochs", "1"]
+SCRATCH, PIXELS = "scratch", "pixels"
+FRACTIONS = (0.01, 0.1)
+# The fine-tuning recipe without mixup, cutmix and RandAugment, which underfit at these budgets;
+# its epochs and learning rate are chosen on validation by the recipe stage.
+FINETUNE_FLAGS = ["--mixup", "0", "--cutmix", "0", "--randaug", "", "--warmup-epochs", "1"]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+METRICS = {"ft0.01": "fine-tune 1%", "ft0.1": "fine-tune 10%", "knn": "kNN", "linear": "linear"}
+STAGES = ("recipe", "sweep", "seeds", "curve", "reference", "report")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--data", default="fashion-mnist", help="dataset spec, as for `energyssl pretrain --data`")
     parser.add_argument("--model", default="essl_vit_mini_patch7")
-    parser.add_argument("--time-budget", type=float, default=20.0, help="pretraining minutes per method")
-    parser.add_argument("--epochs", type=int, default=10, help="pretraining epochs the schedule is shaped as")
-    parser.add_argument(
-        "--methods", nargs="+", default=DEFAULT_METHODS, help=f"pretraining variants: {', '.join(VARIANTS)}"
-    )
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=ARGS",
-        help="define (or redefine) a variant from pretrain arguments, e.g. 'lr2x=--method energy --blr 8e-3'",
-    )
-    parser.add_argument("--label-fractions", type=float, nargs="+", default=[0.01, 0.1])
-    parser.add_argument(
-        "--finetune-epochs", type=int, nargs="+", default=[50, 10], help="fine-tune epochs, one per label fraction"
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds")
-    parser.add_argument("--probes", nargs="*", default=["knn", "linear"], choices=["knn", "linear", "mlp", "attentive"])
-    parser.add_argument("--pretrain-args", default="", help="extra `energyssl pretrain` arguments for every method")
-    parser.add_argument("--finetune-args", default="", help="extra `energyssl finetune` arguments")
-    parser.add_argument(
-        "--tag", default="", help="suffix of the fine-tune and probe folders, to keep runs of another recipe apart"
-    )
-    parser.add_argument("--out", default="runs/accuracy-per-compute", help="folder of the runs")
-    parser.add_argument(
-        "--results", default="benchmarks/results/accuracy_per_compute.md", help="Markdown report to write"
-    )
+    parser.add_argument("--batch-size", type=int, default=64, help="pretraining batch")
+    parser.add_argument("--budget", type=float, default=2.0, help="pretraining budget in supervised epochs of FLOPs")
+    parser.add_argument("--curve", type=float, nargs="+", default=[0.5, 1.0, 4.0], help="other budgets, same units")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="base lrs swept per method")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining (and fine-tuning) seeds")
+    parser.add_argument("--epochs-1pct", type=int, nargs="+", default=[50, 100, 200], help="fine-tune epochs tried")
+    parser.add_argument("--epochs-10pct", type=int, nargs="+", default=[10, 20, 40], help="fine-tune epochs tried")
+    parser.add_argument("--finetune-blr", type=float, default=2e-3, help="fine-tune base lr; x0.5 and x2 are tried")
+    parser.add_argument("--ceiling-epochs", type=int, default=10, help="epochs of supervised training on all labels")
+    parser.add_argument("--extra", default="", help="extra `energyssl` flags for every command (e.g. --num-workers)")
+    parser.add_argument("--disturbed", action="store_true", help="mark this stage's wall times as disturbed")
+    parser.add_argument("--out", default="runs/protocol", help="folder of the runs")
+    parser.add_argument("--results", default="benchmarks/results/protocol.md", help="Markdown report")
     args = parser.parse_args(argv)
-    variants = dict(VARIANTS)
-    for spec in args.variant:
-        name, sep, flags = spec.partition("=")
-        if not sep or not name:
-            parser.error(f"--variant expects NAME=ARGS, got '{spec}'")
-        variants[name] = shlex.split(flags)
-    unknown = [m for m in args.methods if m not in variants]
-    if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(variants)} or add --variant")
-    if len(args.finetune_epochs) != len(args.label_fractions):
-        parser.error("--finetune-epochs needs one value per --label-fractions value")
-    if args.time_budget <= 0:
-        parser.error("--time-budget must be positive")
-    args.variants = variants
+    if args.budget <= 0 or min(args.curve) <= 0:
+        parser.error("budgets must be positive")
+    if len(args.seeds) < 2:
+        parser.error("--seeds needs at least 2 pretraining seeds for a spread")
     return args
 
 
-def run(command: list[str], folder: Path) -> None:
-    """``energyssl COMMAND`` with its output in folder.log; a failure stops the benchmark."""
+# -- running commands ---------------------------------------------------------------------------
+
+
+def energyssl(args: argparse.Namespace, command: list[str], folder: Path) -> None:
+    """``energyssl COMMAND ... --out folder`` with its output in folder.log; a failure stops the stage."""
     log = folder.with_name(folder.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [*command, *shlex.split(args.extra), "--no-tensorboard", "--out", str(folder)]
     start = time.perf_counter()
     with log.open("w") as f:
-        code = subprocess.call([sys.executable, "-m", "energyssl", *command], stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, "-m", "energyssl", *argv], stdout=f, stderr=subprocess.STDOUT)
     if code != 0:
-        sys.exit(f"failed ({code}): energyssl {shlex.join(command)}\n  see {log}")
-    print(f"  {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def pretrain(args: argparse.Namespace, method: str, folder: Path) -> None:
-    if (folder / "backbone.safetensors").exists():
-        return
-    flags = ["--data", args.data, "--model", args.model, "--epochs", str(args.epochs)]
-    flags += ["--time-budget", str(args.time_budget), "--warmup-epochs", "0.5", "--no-tensorboard", "--vis-every", "0"]
-    flags += shlex.split(args.pretrain_args) + args.variants[method] + ["--out", str(folder)]
-    if (folder / "latest").exists():
-        flags.append("--resume")
-    run(["pretrain", *flags], folder)
-
-
-def downstream(args: argparse.Namespace, init: Path | None, folder: Path) -> None:
-    """Fine-tune per label fraction and seed, then probe (probes see every label)."""
-    source = ["--init", str(init) if init else "none", "--data", args.data, "--no-tensorboard"]
-    if init is None:
-        source += ["--model", args.model]
-    for fraction, epochs in zip(args.label_fractions, args.finetune_epochs, strict=True):
-        for seed in args.seeds:
-            out = folder / f"finetune-{fraction:g}-seed{seed}{args.tag}"
-            if not (out / "results.json").exists():
-                flags = [*source, "--label-fraction", str(fraction), "--epochs", str(epochs), "--seed", str(seed)]
-                flags += FINETUNE_RECIPE + ["--eval-every", str(epochs)] + shlex.split(args.finetune_args)
-                run(["finetune", *flags, "--out", str(out)], out)
-    for protocol in args.probes:
-        out = folder / f"probe-{protocol}{args.tag}"
-        if not (out / "results.json").exists():
-            run(["probe", *source, "--protocol", protocol, "--out", str(out)], out)
+        sys.exit(f"failed ({code}): energyssl {shlex.join(argv)}\n  see {log}")
+    print(f"  {folder.relative_to(args.out)}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def top1(folder: Path) -> float | None:
@@ -143,104 +126,423 @@ def top1(folder: Path) -> float | None:
     return json.loads(file.read_text())["metrics"]["top1"] if file.exists() else None
 
 
-def mean_and_spread(values: list[float]) -> str:
-    """'mean ± half the range' over seeds (one seed: the value)."""
+def finetune(args: argparse.Namespace, init: str, folder: Path, fraction: float, split: str, seed: int,
+             epochs: int, blr: float) -> float:  # fmt: skip
+    if top1(folder) is None:
+        flags = ["--init", init, "--data", args.data, "--label-fraction", str(fraction), "--eval-split", split]
+        flags += ["--seed", str(seed), "--epochs", str(epochs), "--blr", str(blr), "--eval-every", str(epochs)]
+        energyssl(args, ["finetune", *flags, *FINETUNE_FLAGS, *model_flag(args, init)], folder)
+    return top1(folder)  # type: ignore[return-value]
+
+
+def probe(args: argparse.Namespace, init: str, folder: Path, protocol: str, split: str, seed: int = 0) -> float:
+    if top1(folder) is None:
+        flags = ["--init", init, "--data", args.data, "--protocol", protocol, "--eval-split", split]
+        energyssl(args, ["probe", *flags, "--seed", str(seed), *model_flag(args, init)], folder)
+    return top1(folder)  # type: ignore[return-value]
+
+
+def model_flag(args: argparse.Namespace, init: str) -> list[str]:
+    return ["--model", args.model] if init == "none" else []
+
+
+# -- budgets in FLOPs ---------------------------------------------------------------------------
+
+
+def pretrain_config(argv: list[str]) -> PretrainConfig:
+    return resolve(build_parser().parse_args(["pretrain", *argv]), PretrainConfig)
+
+
+def cached(root: Path, key: str, compute) -> float:  # noqa: ANN001
+    """A number kept in root/flops.json under ``key`` (counting builds a model: do it once)."""
+    file = root / "flops.json"
+    table = json.loads(file.read_text()) if file.exists() else {}
+    if key not in table:
+        table[key] = compute()
+        root.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(table, indent=1))
+    return table[key]
+
+
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    return len(load_dataset(args.data, train=True)) // args.batch_size
+
+
+def supervised_epoch_flops(args: argparse.Namespace) -> float:
+    """The budget unit: one supervised epoch (forward and backward of the classifier)."""
+    info = load_dataset(args.data, train=True).info
+
+    def count() -> float:
+        return supervised_step_flops(args.model, info.img_size, info.in_chans, args.batch_size, info.num_classes)
+
+    return cached(Path(args.out), f"supervised {args.model} {args.batch_size}", count) * steps_per_epoch(args)
+
+
+def pretrain_flags(args: argparse.Namespace, method: str, setting: str) -> list[str]:
+    """``setting`` is 'blr<lr>' or 'blr<lr>-<variant>'."""
+    blr, _, variant = setting.partition("-")
+    flags = ["--data", args.data, "--model", args.model, "--batch-size", str(args.batch_size)]
+    flags += [*METHODS[method].flags, *METHODS[method].variants.get(variant, []), "--blr", blr.removeprefix("blr")]
+    return flags + ["--vis-every", "0"]
+
+
+def pretrain(args: argparse.Namespace, method: str, setting: str, budget: float, seed: int) -> Path:
+    """Pretrain for ``budget`` supervised epochs of FLOPs; the run folder (with its backbone)."""
+    folder = Path(args.out) / method / setting / f"b{budget:g}-s{seed}"
+    run = folder / "pretrain"
+    if (run / "backbone.safetensors").exists():
+        return run
+    flags = pretrain_flags(args, method, setting)
+    per_step = cached(Path(args.out), shlex.join(flags), lambda: pretrain_step_flops(pretrain_config(flags)))
+    steps = max(1, round(budget * supervised_epoch_flops(args) / per_step))
+    epochs = steps / steps_per_epoch(args)
+    flags += ["--epochs", repr(epochs), "--warmup-epochs", repr(0.05 * epochs), "--seed", str(seed)]
+    energyssl(args, ["pretrain", *flags, *(["--resume"] if (run / "latest").exists() else [])], run)
+    (folder / "budget.json").write_text(
+        json.dumps({"flops_per_step": per_step, "steps": steps, "budget": budget, "disturbed": args.disturbed})
+    )
+    return run
+
+
+# -- choices made on validation -----------------------------------------------------------------
+
+
+def best(scores: dict[str, float]) -> str:
+    """The highest score; the first listed wins a tie."""
+    return max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
+
+
+def save_choice(file: Path, choice: dict) -> dict:
+    file.write_text(json.dumps(choice, indent=1))
+    return choice
+
+
+def load_choice(file: Path, stage: str) -> dict:
+    if not file.exists():
+        sys.exit(f"{file} is missing: run --stage {stage} first")
+    return json.loads(file.read_text())
+
+
+def stage_recipe(args: argparse.Namespace) -> dict:
+    """Fine-tuning epochs and lr for a random init, on validation: epochs at the default lr,
+    then lr x0.5 and x2 at those epochs (1% labels); epochs again at that lr (10% labels)."""
+    root = Path(args.out) / "recipe"
+
+    def score(fraction: float, epochs: int, blr: float) -> float:
+        out = root / f"ft{fraction:g}-e{epochs}-blr{blr:g}"
+        return finetune(args, "none", out, fraction, "val", 0, epochs, blr)
+
+    base = args.finetune_blr
+    epochs_1 = int(best({str(e): score(0.01, e, base) for e in args.epochs_1pct}))
+    blr = float(best({f"{b:g}": score(0.01, epochs_1, b) for b in (base, base / 2, base * 2)}))
+    epochs_10 = int(best({str(e): score(0.1, e, blr) for e in args.epochs_10pct}))
+    return save_choice(root.parent / "recipe.json", {"0.01": [epochs_1, blr], "0.1": [epochs_10, blr]})
+
+
+def recipe(args: argparse.Namespace, fraction: float) -> tuple[int, float]:
+    epochs, blr = load_choice(Path(args.out) / "recipe.json", "recipe")[f"{fraction:g}"]
+    return epochs, blr
+
+
+def validation_scores(args: argparse.Namespace, method: str, setting: str) -> dict[str, float]:
+    """Fine-tune on 1% labels and kNN, both scored on validation, at the base budget, seed 0."""
+    run = pretrain(args, method, setting, args.budget, 0)
+    return {
+        "finetune": finetune(args, str(run), run.parent / "val-ft0.01-s0", 0.01, "val", 0, *recipe(args, 0.01)),
+        "knn": probe(args, str(run), run.parent / "val-knn", "knn", "val"),
+    }
+
+
+def stage_sweep(args: argparse.Namespace) -> None:
+    """Per method: the lrs, then its two variants at the best lr; chosen on 1% fine-tuning."""
+    for method in args.methods:
+        print(f"{method}:", flush=True)
+        lrs = {f"blr{lr:g}": validation_scores(args, method, f"blr{lr:g}")["finetune"] for lr in args.lrs}
+        lr = best(lrs)
+        settings = {lr: lrs[lr]} | {
+            f"{lr}-{v}": validation_scores(args, method, f"{lr}-{v}")["finetune"] for v in METHODS[method].variants
+        }
+        save_choice(Path(args.out) / method / "choice.json", {"setting": best(settings), "tried": settings})
+
+
+def chosen(args: argparse.Namespace, method: str) -> str:
+    return load_choice(Path(args.out) / method / "choice.json", "sweep")["setting"]
+
+
+# -- final numbers on test ----------------------------------------------------------------------
+
+
+def test_scores(args: argparse.Namespace, init: str, folder: Path, seed: int) -> dict[str, float]:
+    """Fine-tune on 1% and 10% labels, kNN and linear probes, all scored on test."""
+    scores = {
+        f"ft{f:g}": finetune(args, init, folder / f"test-ft{f:g}-s{seed}", f, "test", seed, *recipe(args, f))
+        for f in FRACTIONS
+    }
+    for protocol in ("knn", "linear"):
+        scores[protocol] = probe(args, init, folder / f"test-{protocol}", protocol, "test", seed)
+    return scores
+
+
+def stage_seeds(args: argparse.Namespace) -> None:
+    for method in args.methods:
+        print(f"{method}:", flush=True)
+        for seed in args.seeds:
+            run = pretrain(args, method, chosen(args, method), args.budget, seed)
+            test_scores(args, str(run), run.parent, seed)
+    print(f"{SCRATCH}:", flush=True)
+    for seed in args.seeds:
+        test_scores(args, "none", Path(args.out) / SCRATCH / f"s{seed}", seed)
+
+
+def stage_curve(args: argparse.Namespace) -> None:
+    for method in args.methods:
+        print(f"{method}:", flush=True)
+        for budget in args.curve:
+            run = pretrain(args, method, chosen(args, method), budget, args.seeds[0])
+            finetune(args, str(run), run.parent / "test-ft0.01-s0", 0.01, "test", 0, *recipe(args, 0.01))
+            probe(args, str(run), run.parent / "test-knn", "knn", "test")
+
+
+def stage_reference(args: argparse.Namespace) -> None:
+    root = Path(args.out)
+    for protocol in ("knn", "linear"):
+        probe(args, "pixels", root / PIXELS / f"test-{protocol}", protocol, "test")
+    _, blr = recipe(args, 0.1)
+    finetune(args, "none", root / "ceiling" / "test-ft1-s0", 1.0, "test", 0, args.ceiling_epochs, blr)
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sd' over pretraining seeds ('-' when none ran)."""
     if not values:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def pretraining_row(folder: Path) -> tuple[str, str, str]:
-    """(steps and seconds, images seen, images per second) of a pretraining run."""
-    if not (folder / "latest").exists():
-        return "-", "-", "-"
-    state = load_training_state(find_checkpoint(folder))
-    batch = yaml.safe_load((folder / "config.yaml").read_text())["batch_size"]
-    seen = state["step"] * batch
-    return f"{state['step']} steps, {state['elapsed']:.0f} s", str(seen), f"{seen / max(state['elapsed'], 1e-9):.0f}"
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of a - b paired by seed, and its 95% t interval."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.mean(diffs)
+    half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half
 
 
-def report(args: argparse.Namespace, root: Path, command: str) -> str:
-    fractions = args.label_fractions
-    head = ["method", "pretraining", "images seen", "img/s"]
-    head += [f"fine-tune {100 * f:g}% labels" for f in fractions] + [f"{p} probe" for p in args.probes]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    means: dict[str, dict[float, float]] = {}
-    for method in [*args.methods, SCRATCH]:
-        folder = root / method
-        cells = list(pretraining_row(folder / "pretrain")) if method != SCRATCH else ["-", "0", "-"]
-        for fraction in fractions:
-            runs = [top1(folder / f"finetune-{fraction:g}-seed{seed}{args.tag}") for seed in args.seeds]
-            values = [v for v in runs if v is not None]
-            cells.append(mean_and_spread(values))
-            if values:
-                means.setdefault(method, {})[fraction] = statistics.mean(values)
-        probes = [top1(folder / f"probe-{p}{args.tag}") for p in args.probes]
-        cells += [mean_and_spread([] if v is None else [v]) for v in probes]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    gaps = []
+def verdict(low: float, high: float) -> str:
+    return "energy ahead" if low > 0 else "energy behind" if high < 0 else "tied"
+
+
+def run_facts(run: Path) -> dict:
+    """Steps, FLOPs per step, wall time and disturbance of a pretraining run folder."""
+    facts = json.loads((run.parent / "budget.json").read_text()) if (run.parent / "budget.json").exists() else {}
+    if (run / "latest").exists():
+        facts["elapsed"] = load_training_state(find_checkpoint(run))["elapsed"]
+    return facts
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def recipe_section(args: argparse.Namespace) -> list[str]:
+    root = Path(args.out) / "recipe"
+    choice = load_choice(root.parent / "recipe.json", "recipe")
+    rows = []
+    for folder in root.glob("ft*/"):
+        if (score := top1(folder)) is None:
+            continue
+        cfg = json.loads((folder / "results.json").read_text())["config"]
+        picked = [cfg["epochs"], cfg["blr"]] == choice[f"{cfg['label_fraction']:g}"]
+        rows.append([f"{100 * cfg['label_fraction']:g}%", str(cfg["epochs"]), f"{cfg['blr']:g}", f"{score:.2f}",
+                     "chosen" if picked else ""])  # fmt: skip
+    rows.sort(key=lambda r: (float(r[0][:-1]), int(r[1]), float(r[2])))
+    return table(["labels", "epochs", "base lr", "val top-1 (random init)", ""], rows)
+
+
+def sweep_section(args: argparse.Namespace) -> list[str]:
+    rows = []
     for method in args.methods:
-        for other in ("mae", SCRATCH):
-            if method.startswith("energy") and other in means and method in means:
-                for fraction in fractions:
-                    if fraction in means[method] and fraction in means[other]:
-                        gap = means[method][fraction] - means[other][fraction]
-                        gaps.append(f"- {method} vs {other}, {100 * fraction:g}% labels: {gap:+.2f} points")
-    machine = (
-        f"{platform.processor() or platform.machine()}, {_cpu_name()}, {_cores()} cores, Python "
-        f"{platform.python_version()}, torch {torch.__version__}"
-    )
-    recipe = shlex.join(FINETUNE_RECIPE + shlex.split(args.finetune_args))
-    schedule = ", ".join(f"{e} epochs at {100 * f:g}%" for f, e in zip(fractions, args.finetune_epochs, strict=True))
+        choice = load_choice(Path(args.out) / method / "choice.json", "sweep")
+        for folder in sorted((Path(args.out) / method).glob(f"*/b{args.budget:g}-s0")):
+            setting, facts = folder.parent.name, run_facts(folder / "pretrain")
+            ft, knn = top1(folder / "val-ft0.01-s0"), top1(folder / "val-knn")
+            if ft is None:
+                continue
+            rows.append([method, setting, str(facts.get("steps", "-")), f"{facts.get('flops_per_step', 0) / 1e9:.1f}",
+                         score(ft), score(knn),
+                         "chosen" if setting == choice["setting"] else ""])  # fmt: skip
+    return table(["method", "setting", "steps", "GFLOPs/step", "val fine-tune 1%", "val kNN", ""], rows)
+
+
+def final_scores(args: argparse.Namespace, method: str) -> tuple[dict[str, list[float]], list[dict]]:
+    """Test scores per metric over the pretraining seeds, and the runs' facts."""
+    scores: dict[str, list[float]] = {k: [] for k in ("ft0.01", "ft0.1", "knn", "linear")}
+    facts = []
+    for seed in args.seeds:
+        if method == SCRATCH:
+            folder = Path(args.out) / SCRATCH / f"s{seed}"
+        else:
+            folder = Path(args.out) / method / chosen(args, method) / f"b{args.budget:g}-s{seed}"
+            facts.append(run_facts(folder / "pretrain"))
+        for key, name in (("ft0.01", f"test-ft0.01-s{seed}"), ("ft0.1", f"test-ft0.1-s{seed}"),
+                          ("knn", "test-knn"), ("linear", "test-linear")):  # fmt: skip
+            if (value := top1(folder / name)) is not None:
+                scores[key].append(value)
+    return scores, facts
+
+
+def wall(facts: list[dict]) -> str:
+    times = [f["elapsed"] for f in facts if "elapsed" in f]
+    if not times:
+        return "-"
+    return f"{statistics.mean(times) / 60:.1f}" + ("*" if any(f.get("disturbed") for f in facts) else "")
+
+
+def headline_section(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    rows, all_scores = [], {}
+    for method in [*args.methods, SCRATCH]:
+        scores, facts = final_scores(args, method)
+        all_scores[method] = scores
+        setting = chosen(args, method) if method != SCRATCH else "random init"
+        steps = str(facts[0].get("steps", "-")) if facts else "0"
+        rows.append([method, setting, steps, wall(facts), *(mean_sd(scores[k]) for k in scores)])
+    pixels = [top1(Path(args.out) / PIXELS / f"test-{p}") for p in ("knn", "linear")]
+    rows.append([PIXELS, "raw pixels, no network", "0", "-", "-", "-", *(mean_sd([v] if v else []) for v in pixels)])
+    head = ["method", "setting", "steps", "pretraining min", "fine-tune 1%", "fine-tune 10%", "kNN", "linear"]
+    return table(head, rows), all_scores
+
+
+def differences_section(args: argparse.Namespace, scores: dict[str, dict[str, list[float]]]) -> list[str]:
+    rows = []
+    for other in [m for m in [*args.methods, SCRATCH] if m != "energy"]:
+        for metric in ("ft0.01", "ft0.1", "knn", "linear"):
+            a, b = scores.get("energy", {}).get(metric, []), scores[other][metric]
+            if len(a) == len(b) == len(args.seeds):
+                mean, low, high = paired(a, b)
+                rows.append([other, METRICS[metric], f"{mean:+.2f}", f"[{low:+.2f}, {high:+.2f}]", verdict(low, high)])
+    return table(["energy minus", "metric", "mean difference", "95% interval", "verdict"], rows)
+
+
+def curve_points(args: argparse.Namespace) -> dict[str, list[tuple[float, float | None, float | None]]]:
+    """(pretraining TFLOPs, fine-tune 1%, kNN) per method and budget, seed 0, on test."""
+    unit = supervised_epoch_flops(args)
+    points = {}
+    for method in args.methods:
+        setting = chosen(args, method)
+        rows = []
+        for budget in sorted({*args.curve, args.budget}):
+            folder = Path(args.out) / method / setting / f"b{budget:g}-s{args.seeds[0]}"
+            ft = top1(folder / f"test-ft0.01-s{args.seeds[0]}")
+            rows.append((budget * unit / 1e12, ft, top1(folder / "test-knn")))
+        points[method] = rows
+    return points
+
+
+def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve_points(args)
+    scratch = final_scores(args, SCRATCH)[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = []
+    for method, series in points.items():
+        for (tflops, ft, knn), budget in zip(series, sorted({*args.curve, args.budget}), strict=True):
+            rows.append(
+                [method, f"{budget:g}", f"{tflops:.1f}", f"{ft:.2f}" if ft else "-", f"{knn:.2f}" if knn else "-"]
+            )
+        for ax, index in zip(axes, (1, 2), strict=True):
+            done = [(p[0], p[index]) for p in series if p[index] is not None]
+            if done:
+                ax.plot(*zip(*done, strict=True), marker="o", label=method)
+    for ax, key, name in zip(axes, ("ft0.01", "knn"), ("fine-tune, 1% labels", "kNN"), strict=True):
+        if scratch[key]:
+            ax.axhline(statistics.mean(scratch[key]), color="grey", linestyle="--", label="random init")
+        ax.set(xscale="log", xlabel="pretraining TFLOPs", ylabel="test top-1 (%)", title=name)
+        ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return table(["method", "budget (supervised epochs)", "TFLOPs", "fine-tune 1%", "kNN"], rows)
+
+
+def write_report(args: argparse.Namespace, argv: list[str]) -> None:
+    unit = supervised_epoch_flops(args)
+    results = Path(args.results)
+    png = results.with_name(results.stem + "_curve.png")
+    headline, scores = headline_section(args)
+    stages = Path(args.out) / "stages.json"
+    spent = json.loads(stages.read_text()) if stages.exists() else {}
+    (ft1_epochs, ft1_blr), (ft10_epochs, ft10_blr) = recipe(args, 0.01), recipe(args, 0.1)
     text = [
-        f"Pretraining budget: {args.time_budget:g} min of training steps per method on `{args.data}`, model "
-        f"`{args.model}`; fine-tuning: {schedule} of the labels (class-balanced), "
-        f"seeds {', '.join(map(str, args.seeds))}, recipe "
-        f"`{recipe}`; probes on all labels. Fine-tune cells: top-1 mean ± half the range "
-        "over seeds.",
+        f"Data `{args.data}`, model `{args.model}`, pretraining batch {args.batch_size}. Budget: {args.budget:g} "
+        f"supervised epochs of FLOPs ({args.budget * unit / 1e12:.3g} TFLOPs; one supervised epoch is a forward "
+        f"and backward pass of the classifier over the training images, {unit / 1e12:.3g} TFLOPs). "
+        f"Pretraining seeds {', '.join(map(str, args.seeds))}; each cell is mean ± sd over them (the fine-tuning "
+        f"seed equals the pretraining seed). Fine-tuning recipe, chosen on validation for a random init: "
+        f"{ft1_epochs} epochs at base lr {ft1_blr:g} on 1% of labels, {ft10_epochs} epochs at {ft10_blr:g} on 10%, "
+        f"`{shlex.join(FINETUNE_FLAGS)}`. Settings chosen on validation (a fixed 10% of the training labels); "
+        "test read once per final configuration. Pretraining minutes marked * were measured while the machine "
+        "did other work.",
         "",
-        f"Machine: {machine}.",
+        f"Regenerate: `python benchmarks/accuracy_per_compute.py {shlex.join(argv)}` after the stages above it.",
         "",
-        f"Regenerate: `{command}`",
+        "### Final numbers (test)",
         "",
-        *lines,
+        *headline,
         "",
-        *(gaps or ["- (no energy run to compare yet)"]),
+        f"Ceiling: supervised training from a random init on all training labels (validation split excepted), "
+        f"same recipe at base lr {ft10_blr:g}, {args.ceiling_epochs} epochs: "
+        f"{score(top1(Path(args.out) / 'ceiling' / 'test-ft1-s0'))}.",
+        "",
+        "### Differences, paired by pretraining seed",
+        "",
+        *differences_section(args, scores),
+        "",
+        f"### Accuracy against pretraining compute (test, seed {args.seeds[0]})",
+        "",
+        f"![curve]({png.name})",
+        "",
+        *curve_section(args, png),
+        "",
+        "### Choices on validation",
+        "",
+        *sweep_section(args),
+        "",
+        *recipe_section(args),
+        "",
+        "### Cost of each stage on this machine",
+        "",
+        *table(["stage", "minutes"], [[k, f"{v / 60:.0f}"] for k, v in spent.items()]),
     ]
-    return "\n".join(text) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("\n".join(text) + "\n")
+    print(results.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "benchmarks/accuracy_per_compute.py", *(sys.argv[1:] if argv is None else argv)])
-    for method in args.methods:
-        print(f"{method}:", flush=True)
-        pretrain(args, method, root / method / "pretrain")
-        downstream(args, root / method / "pretrain", root / method)
-    print(f"{SCRATCH}:", flush=True)
-    downstream(args, None, root / SCRATCH)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(report(args, root, command))
-    print(results.read_text())
+    start = time.perf_counter()
+    if args.stage == "report":
+        write_report(args, sys.argv[1:] if argv is None else argv)
+        return
+    {"recipe": stage_recipe, "sweep": stage_sweep, "seeds": stage_seeds, "curve": stage_curve,
+     "reference": stage_reference}[args.stage](args)  # fmt: skip
+    stages = Path(args.out) / "stages.json"
+    spent = json.loads(stages.read_text()) if stages.exists() else {}
+    spent[args.stage] = spent.get(args.stage, 0.0) + time.perf_counter() - start
+    stages.write_text(json.dumps(spent, indent=1))
+    print(f"stage {args.stage}: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmark scripts' argument handling and a tiny end-to-end run of each (the real
 benchmarks are not part of the test suite)."""
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -15,6 +16,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -25,10 +27,9 @@ accuracy = _load("accuracy_per_compute")
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--methods", "energy-mixed", "nonsense"], "unknown method(s) nonsense"),
-        (["--label-fractions", "0.01", "0.1", "--finetune-epochs", "5"], "one value per --label-fractions"),
-        (["--variant", "noequals"], "expects NAME=ARGS"),
-        (["--time-budget", "0"], "must be positive"),
+        (["--stage", "sweep", "--budget", "0"], "budgets must be positive"),
+        (["--stage", "seeds", "--seeds", "0"], "at least 2 pretraining seeds"),
+        (["--stage", "nonsense"], "invalid choice"),
     ],
 )
 def test_accuracy_per_compute_rejects_bad_arguments(argv, message, capsys):
@@ -37,30 +38,60 @@ def test_accuracy_per_compute_rejects_bad_arguments(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_accuracy_per_compute_variants_extend_the_registry():
-    args = accuracy.parse_args(["--variant", "lr2x=--method energy --blr 8e-3", "--methods", "lr2x", "mae"])
-    assert args.variants["lr2x"] == ["--method", "energy", "--blr", "8e-3"]
-    assert args.methods == ["lr2x", "mae"] and "energy-mixed" in args.variants
+def test_paired_differences_have_a_t_interval():
+    mean, low, high = accuracy.paired([3.0, 4.0, 5.0], [1.0, 1.0, 2.0])  # differences 2, 3, 3
+    half = 4.303 * (1 / 3) ** 0.5 / 3**0.5
+    assert mean == pytest.approx(8 / 3) and (low, high) == pytest.approx((8 / 3 - half, 8 / 3 + half))
+    assert accuracy.verdict(low, high) == "energy ahead"
+    assert accuracy.verdict(*accuracy.paired([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])[1:]) == "tied"
+    assert accuracy.best({"a": 1.0, "b": 2.0, "c": 2.0}) == "b"  # ties go to the first listed
 
 
-def test_accuracy_per_compute_tiny_budget_end_to_end_and_resume(tmp_path):
-    out, results = tmp_path / "runs", tmp_path / "results.md"
-    cmd = [
-        sys.executable, str(BENCHMARKS / "accuracy_per_compute.py"), "--data", "embedded",
-        "--model", "essl_vit_micro_patch7", "--time-budget", "0.02", "--methods", "energy-fast",
-        "--label-fractions", "0.1", "--finetune-epochs", "1", "--seeds", "0", "--probes", "knn",
-        "--pretrain-args", "--batch-size 32", "--out", str(out), "--results", str(results),
+class InProcess:
+    """Stands in for ``subprocess`` so the stages run the CLI in this process (no start-up cost)."""
+
+    STDOUT = subprocess.STDOUT
+
+    @staticmethod
+    def call(command, stdout, stderr):  # noqa: ANN001, ANN205
+        from energyssl.cli import main
+
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+            return main(command[3:])  # drop "python -m energyssl"
+
+
+def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys):
+    """Every stage on a tiny budget: choices are made on validation only, pretraining runs the
+    steps its FLOP budget buys, and the report has its tables, intervals and curve."""
+    from energyssl.checkpoint import find_checkpoint, load_training_state
+
+    monkeypatch.setattr(accuracy, "subprocess", InProcess)
+    out, results = tmp_path / "runs", tmp_path / "results" / "protocol.md"
+    argv = [
+        "--data", "embedded", "--model", "essl_vit_micro_patch7", "--batch-size", "32", "--methods", "energy",
+        "--budget", "0.1", "--curve", "0.05", "--lrs", "1e-3", "--seeds", "0", "1", "--epochs-1pct", "2",
+        "--epochs-10pct", "1", "--ceiling-epochs", "1", "--out", str(out), "--results", str(results),
     ]  # fmt: skip
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line for line in results.read_text().splitlines() if line.startswith("| ")}
-    assert {"energy-fast", "scratch"} <= set(rows)
-    state_line = rows["energy-fast"].split("|")
-    assert "steps" in state_line[2] and int(state_line[3]) > 0  # images seen
-    assert json.loads((out / "energy-fast" / "finetune-0.1-seed0" / "results.json").read_text())["metrics"]["top1"] > 0
-    assert "grad_mode: fast" in (out / "energy-fast" / "pretrain" / "config.yaml").read_text()
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and " s\n" not in second.stdout  # every run was found done and skipped
+    for stage in accuracy.STAGES:
+        accuracy.main(["--stage", stage, *argv])
+    settings = json.loads((out / "energy" / "choice.json").read_text())["tried"]
+    assert set(settings) == {"blr0.001", "blr0.001-K2", "blr0.001-mixed"}
+    for folder in [*out.glob("recipe/*/"), *out.glob("energy/*/*/val-*/")]:  # every choice: on validation
+        assert json.loads((folder / "results.json").read_text())["config"]["eval_split"] == "val", folder
+    for folder in out.glob("energy/*/*/test-*/"):
+        assert json.loads((folder / "results.json").read_text())["config"]["eval_split"] == "test", folder
+    unit = accuracy.supervised_epoch_flops(accuracy.parse_args(["--stage", "report", *argv]))
+    for budget_file in out.glob("energy/*/*/budget.json"):
+        budget = json.loads(budget_file.read_text())
+        assert budget["steps"] == max(1, round(budget["budget"] * unit / budget["flops_per_step"]))
+        assert load_training_state(find_checkpoint(budget_file.parent / "pretrain"))["step"] == budget["steps"]
+    report = results.read_text()
+    assert "| energy | blr0.001" in report and "| scratch | random init" in report and "| pixels |" in report
+    assert "| scratch | fine-tune 1% |" in report and "Ceiling: " in report and "Ceiling: -" not in report
+    assert (results.parent / "protocol_curve.png").stat().st_size > 0
+    capsys.readouterr()
+    accuracy.main(["--stage", "seeds", *argv])  # a finished stage runs nothing again
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")] == []
 
 
 def test_step_cost_reports_ratios_and_memory(tmp_path):
