@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 import energyssl.energy as energy_module
 from energyssl import EnergyModel, create_backbone
-from energyssl.baselines import build_baseline
 from energyssl.cli import main as cli
 from energyssl.config import PretrainConfig
 from energyssl.corruptions import TASKS, build_corruption
@@ -48,6 +47,7 @@ from energyssl.data import load_dataset
 from energyssl.distributed import World
 from energyssl.engine import train_step
 from energyssl.flops import count_flops
+from energyssl.methods import method_for
 from energyssl.metrics import read_metrics
 from energyssl.objective import build_objective, freeze_unreached_parameters
 from energyssl.precision import Precision
@@ -149,15 +149,14 @@ def method_step(method: str, scale: Scale, precision: Precision) -> tuple[Callab
         return supervised, model
     if method.startswith("energy"):
         _, k, grad_mode = method.split()
-        energy = EnergyModel(backbone, head_init_std=PretrainConfig.head_init_std, grad_mode=grad_mode)
-        model = build_objective(energy.to(device), "mixed", {}, 3, MEAN, STD)
-        freeze_unreached_parameters(model, images[:2])
-        steps = int(k[2:])
+        model = method_for("energy", backbone, 3, MEAN, STD, precision.input_scale, task="mixed", steps=int(k[2:]),
+                           grad_mode=grad_mode).to(device)  # fmt: skip
+        freeze_unreached_parameters(model, [images[:2]])
     else:
-        model, steps = build_baseline(method, backbone, "mixed", {}, {}, 3, MEAN, STD).to(device), 1
+        model = method_for(method, backbone, 3, MEAN, STD).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator(device=device).manual_seed(0)
-    return lambda: train_step(model, images, generator, optimizer, precision, steps, None, World(), 0), model
+    return lambda: train_step(model, [images], generator, optimizer, precision, None, World(), 0), model
 
 
 def step_costs(scale: Scale, ceiling: float) -> list[dict[str, Any]]:

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from energyssl import EnergyModel, create_backbone
-from energyssl.baselines import build_baseline
-from energyssl.objective import build_objective, freeze_unreached_parameters
+from energyssl import create_backbone
+from energyssl.methods import method_for
+from energyssl.objective import freeze_unreached_parameters
 
 MEAN, STD = (0.286,), (0.353,)
 METHODS = (
@@ -49,15 +49,14 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
         backbone.reset_classifier(10)
         labels = torch.randint(0, 10, (batch,), device=device)
         module, loss_fn = backbone, lambda: F.cross_entropy(backbone(images), labels)
-    elif method.startswith("energy"):
-        _, k, grad_mode = method.split()
-        model = EnergyModel(backbone, grad_mode=grad_mode).to(device)
-        module = build_objective(model, task, {}, 1, MEAN, STD)
-        freeze_unreached_parameters(module, images[:4])
-        loss_fn = lambda: module(images, generator, steps=int(k[2:])).loss  # noqa: E731
     else:
-        module = build_baseline(method, backbone, task, {}, {}, 1, MEAN, STD).to(device)
-        loss_fn = lambda: module(images, generator).loss  # noqa: E731
+        options = {"task": task}
+        if method.startswith("energy"):
+            _, k, grad_mode = method.split()
+            method, options = "energy", {**options, "steps": int(k[2:]), "grad_mode": grad_mode}
+        module = method_for(method, backbone, 1, MEAN, STD, **options).to(device)
+        freeze_unreached_parameters(module, [images[:4]])
+        loss_fn = lambda: module([images], generator).loss  # noqa: E731
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from energyssl import create_backbone
-from energyssl.baselines import build_baseline
-from energyssl.baselines.common import blockwise_split, patchify, random_split
 from energyssl.cli import main
 from energyssl.errors import UserError
+from energyssl.methods import method_for
+from energyssl.methods.common import blockwise_split, patchify, random_split
 
 
 def vit(patch=4):
@@ -46,12 +46,12 @@ def test_patchify_round_trips_patch_order():
 
 @pytest.mark.parametrize("method,task", [("mae", "mixed"), ("ae", "grid_mask"), ("ae", "sorting"), ("cae", "mixed")])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(method, task):
-    model = build_baseline(method, vit(), task, {}, {}, 1, (0.3,), (0.35,))
+    model = method_for(method, vit(), mean=(0.3,), std=(0.35,), task=task)
     images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for _ in range(15):
-        loss = model(images, torch.Generator().manual_seed(0)).loss
+        loss = model([images], torch.Generator().manual_seed(0)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -64,10 +64,10 @@ def test_mae_follows_the_paper_scaled_to_the_encoder():
     width and depth. The encoder's positions are fixed 2-D sin-cos and stay so in training."""
     from timm.layers import build_sincos2d_pos_embed
 
-    base = build_baseline("mae", timm.create_model("vit_base_patch16_224"), "mixed", {}, {}, 3, (0.5,), (0.5,))
+    base = method_for("mae", timm.create_model("vit_base_patch16_224"), in_chans=3)
     block = base.decoder.blocks[0]
     assert (base.decoder.embed.out_features, len(base.decoder.blocks), block.attn.num_heads) == (512, 8, 16)
-    mae = build_baseline("mae", create_backbone("essl_vit_mini_patch7"), "mixed", {}, {}, 1, (0.5,), (0.5,))
+    mae = method_for("mae", create_backbone("essl_vit_mini_patch7"))
     assert (mae.decoder.embed.out_features, len(mae.decoder.blocks)) == (96, 3)
     pos = mae.backbone.pos_embed
     torch.testing.assert_close(pos[0, 1:], build_sincos2d_pos_embed([4, 4], dim=128))
@@ -76,16 +76,18 @@ def test_mae_follows_the_paper_scaled_to_the_encoder():
     assert qkv.abs().max() <= (6 / (128 + 384)) ** 0.5 and qkv.std() > 0.8 * (2 / (128 + 384)) ** 0.5
     optimizer = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=1e-2)
     before, qkv_before = pos.clone(), qkv.detach().clone()
-    mae(torch.randn(4, 1, 28, 28), torch.Generator().manual_seed(0)).loss.backward()
+    mae([torch.randn(4, 1, 28, 28)], torch.Generator().manual_seed(0)).loss.backward()
     optimizer.step()
     assert torch.equal(pos, before) and not torch.equal(qkv, qkv_before)
 
 
 def test_baselines_need_a_vit():
     with pytest.raises(UserError, match="needs a ViT"):
-        build_baseline("mae", create_backbone("essl_resnet_tiny", in_chans=1), "mixed", {}, {}, 1, (0.5,), (0.5,))
-    with pytest.raises(UserError, match="bad method option"):
-        build_baseline("mae", vit(), "mixed", {}, {"mask_raito": 0.5}, 1, (0.5,), (0.5,))
+        method_for("mae", create_backbone("essl_resnet_tiny", in_chans=1))
+    with pytest.raises(UserError, match=r"unknown option\(s\) for mae: mask_raito \(valid: mask_ratio, decoder_dim"):
+        method_for("mae", vit(), method_options={"mask_raito": 0.5})
+    with pytest.raises(UserError, match="option 'mask_ratio' must be a number, got 'high'"):
+        method_for("mae", vit(), method_options={"mask_ratio": "high"})
 
 
 @pytest.mark.parametrize("method", ["mae", "ae", "cae"])

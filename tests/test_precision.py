@@ -32,15 +32,19 @@ def test_half_precision_pretraining_is_finite_and_learns(tmp_path, amp):
 
 
 def _fp16_step(scale: float):
+    from energyssl.methods.energy import EnergyMethod
+    from energyssl.objective import objective_parts
+
     model = tiny_vit()
-    objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
-    images = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(0))
-    freeze_unreached_parameters(objective, images[:2])
     precision = Precision.build(torch.float16, torch.device("cpu"), energy=True)
+    parts = objective_parts("grid_mask", {}, 1, (0.5,), (0.5,))
+    method = EnergyMethod(model, *parts, steps=1, input_scale=precision.input_scale)
+    images = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(0))
+    freeze_unreached_parameters(method, [images[:2]])
     precision.input_scale.scale = scale
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
     before = model.head.weight.detach().clone()
-    out = train_step(objective, images, torch.Generator().manual_seed(1), optimizer, precision, 1, None, World(), 0)
+    out = train_step(method, [images], torch.Generator().manual_seed(1), optimizer, precision, None, World(), 0)
     return out, precision, not torch.equal(before, model.head.weight)
 
 

@@ -1,4 +1,4 @@
-"""The training engine: one epoch of restoration-loss optimisation, read top to bottom."""
+"""The training engine: one epoch of a method's loss, read top to bottom."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from .corruptions import Corruption
 from .distributed import World, all_finite, max_across, mean_across, stop_agreed
-from .energy import EnergyModel, Restoration
+from .energy import EnergyModel
+from .methods.base import Method, StepOutput
 from .precision import Precision
 from .sorting import PatchSorting, restore_positions, sorting_accuracy
 
@@ -44,10 +45,14 @@ def corruption_generator(seed: int, rank: int, step: int, device: torch.device |
     return torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + rank * 7_919 + step)
 
 
-def step_size(objective: nn.Module) -> float | None:
-    """alpha of the energy model inside a (possibly DDP-wrapped) objective; None for baselines."""
-    module = objective.module if isinstance(objective, nn.parallel.DistributedDataParallel) else objective
-    model = getattr(module, "model", None)
+def unwrap(method: nn.Module) -> Method:
+    """The method inside DDP."""
+    return method.module if isinstance(method, nn.parallel.DistributedDataParallel) else method  # type: ignore[return-value]
+
+
+def step_size(method: nn.Module) -> float | None:
+    """alpha of the energy model inside a (possibly DDP-wrapped) method; None for the others."""
+    model = getattr(unwrap(method), "model", None)
     return model.alpha.item() if isinstance(model, EnergyModel) else None
 
 
@@ -58,7 +63,6 @@ def train_one_epoch(
     lr_at: Callable[[int], float],
     state: TrainState,
     *,
-    steps: int,
     seed: int,
     world: World,
     device: torch.device,
@@ -72,9 +76,9 @@ def train_one_epoch(
     save_every: int = 0,
     stop_asked: Callable[[], bool] | None = None,
 ) -> bool:
-    """Optimise the restoration loss over ``loader``; ``state.step`` counts optimizer steps
+    """Optimise the method's loss over ``loader``; ``state.step`` counts optimizer steps
     (fp16 steps skipped for an overflow included, as GradScaler counts them).
-    ``objective`` is a :class:`PretextObjective`, possibly wrapped in DDP. Stops early at
+    ``objective`` is a :class:`~.methods.base.Method`, possibly wrapped in DDP. Stops early at
     ``max_steps``, when ``state.elapsed`` reaches ``time_budget`` seconds, or after the step
     during which ``stop_asked`` became true on any process; returns whether it stopped so."""
     precision = precision or Precision()
@@ -82,18 +86,20 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
     tick, seen = time.perf_counter(), 0
     step_start = tick
-    for images, _ in bar:
+    for views, _ in bar:
         if budget_spent(state, max_steps, time_budget):
             break
         lr = lr_at(state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = images.to(device, non_blocking=True)
+        views = [v.to(device, non_blocking=True) for v in views]
         generator = corruption_generator(seed, world.rank, state.step, device)
-        out = train_step(objective, images, generator, optimizer, precision, steps, clip_grad, world, state.step)
+        out = train_step(objective, views, generator, optimizer, precision, clip_grad, world, state.step)
         state.step += 1
         state.skipped += out is None
-        seen += images.shape[0]
+        if out is not None:
+            unwrap(objective).after_step(state.step / max_steps if max_steps else 0.0)
+        seen += views[0].shape[0]
         state.elapsed += time.perf_counter() - step_start
         if time_budget is not None:  # every process must stop at the same step
             state.elapsed = max_across(state.elapsed, world)
@@ -120,19 +126,18 @@ def train_one_epoch(
 
 def train_step(
     objective: nn.Module,
-    images: torch.Tensor,
+    views: list[torch.Tensor],
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer,
     precision: Precision,
-    steps: int,
     clip_grad: float | None,
     world: World,
     step: int,
-) -> Restoration | None:
+) -> StepOutput | None:
     """One optimizer step. Returns None when fp16's dE/dx overflowed: the step is skipped and
     its scale halved (GradScaler likewise skips steps whose parameter gradients overflow)."""
-    with precision.autocast(images.device):
-        out = objective(images, generator, steps=steps, grad_scale=precision.input_grad_scale)
+    with precision.autocast(views[0].device):
+        out = objective(views, generator)
     finite = all_finite(out.loss, world)
     if precision.input_scale is not None:
         precision.input_scale.update(finite)
@@ -146,15 +151,14 @@ def train_step(
 
 
 def step_record(
-    out: Restoration, state: TrainState, lr: float, alpha: float | None, img_per_s: float, precision: Precision,
+    out: StepOutput, state: TrainState, lr: float, alpha: float | None, img_per_s: float, precision: Precision,
     world: World,
 ) -> dict[str, float]:  # fmt: skip
     """What ``metrics.jsonl`` holds for a step (losses averaged over processes)."""
     record = {
         "epoch": state.epoch,
         "loss": mean_across(out.loss.item(), world),
-        **{f"loss_step{k + 1}": mean_across(v.item(), world) for k, v in enumerate(out.step_losses)},
-        **({} if out.baseline is None else {"corrupted_loss": mean_across(out.baseline.item(), world)}),
+        **{name: mean_across(value.item(), world) for name, value in out.logs.items()},
         **({} if alpha is None else {"alpha": alpha}),
         "lr": lr,
         "img_per_s": img_per_s,

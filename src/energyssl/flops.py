@@ -20,7 +20,6 @@ from .data import load_dataset
 from .distributed import World
 from .engine import train_step
 from .models import create_backbone, default_patch_size
-from .precision import Precision
 
 
 class FlopCount(TorchDispatchMode):
@@ -50,20 +49,20 @@ def pretrain_step_flops(cfg: PretrainConfig, device: torch.device | None = None)
     """FLOPs of one training step of the run ``cfg`` describes (its model, method, task, K,
     gradient mode and batch), counted on a batch of its own data. The model is built as the
     run would build it; nothing is saved."""
-    from .pretrain import setup_model, training_data  # pretrain imports the engine; keep this module light
+    from .pretrain import example_views, setup_model, training_data  # keep this module light to import
 
     cfg = copy.deepcopy(cfg)
     device = device or torch.device("cpu")
     dataset = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
     img_size = cfg.img_size or dataset.info.img_size
     train_set, _, _ = training_data(cfg, dataset, dataset.info, img_size, World(), device)
-    batch = torch.stack([train_set[i][0] for i in range(cfg.batch_size)]).to(device)
-    setup = setup_model(cfg, dataset.info, img_size, batch[:8], device, World())
+    batch = example_views(train_set, device, cfg.batch_size)
+    setup = setup_model(cfg, dataset.info, img_size, [view[:8] for view in batch], device, World())
     optimizer = torch.optim.AdamW([p for p in setup.objective.parameters() if p.requires_grad], lr=0.0)
-    precision = Precision.build(setup.amp_dtype, device, energy=cfg.method == "energy")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return count_flops(lambda: train_step(setup.objective, batch, generator, optimizer, precision, cfg.steps,
-                                          None, World(), 0))  # fmt: skip
+    return count_flops(
+        lambda: train_step(setup.objective, batch, generator, optimizer, setup.precision, None, World(), 0)
+    )
 
 
 def supervised_step_flops(

@@ -95,9 +95,10 @@ class PretextObjective(nn.Module):
         return Restoration(weighted(lambda p: p.loss), step_losses, [], weighted(lambda p: p.baseline))
 
 
-def build_objective(
-    model: EnergyModel, task: str, params: dict[str, Any], in_chans: int, mean, std
-) -> PretextObjective:
+def objective_parts(
+    task: str, params: dict[str, Any], in_chans: int, mean, std
+) -> tuple[Corruption | None, PatchSorting | None, float]:
+    """(pixel corruption, patch sorting, share of images sorted) of ``task``."""
     pixel_task, pixel_params, share = split_sorting(task, params)
     corruption = None
     if pixel_task is not None:
@@ -109,7 +110,13 @@ def build_objective(
         if unknown:
             raise UserError(f"unknown parameter(s) for sorting: {', '.join(sorted(unknown))}")
         sorting = PatchSorting(**sorting_params)
-    return PretextObjective(model, corruption, sorting, share)
+    return corruption, sorting, share
+
+
+def build_objective(
+    model: EnergyModel, task: str, params: dict[str, Any], in_chans: int, mean, std
+) -> PretextObjective:
+    return PretextObjective(model, *objective_parts(task, params, in_chans, mean, std))
 
 
 def freeze_unreached_parameters(objective: nn.Module, example: Tensor) -> list[str]:

@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import checkpoint as ckpt
-from .baselines import METHODS, build_baseline
 from .config import PretrainConfig, save_yaml
 from .corruptions import task_corruptions, tasks_in_use
 from .data import (
@@ -24,7 +23,6 @@ from .data import (
     eval_transform,
     load_dataset,
     load_held_out,
-    pretrain_transform,
 )
 from .distributed import (
     StopRequest,
@@ -38,7 +36,7 @@ from .distributed import (
     seed_everything,
     set_random_states,
 )
-from .energy import DEFAULT_ALPHA, GRAD_MODES, EnergyModel, non_smooth_layers
+from .energy import GRAD_MODES, EnergyModel, non_smooth_layers
 from .engine import (
     NonFiniteLoss,
     TrainState,
@@ -50,9 +48,10 @@ from .engine import (
     train_one_epoch,
 )
 from .errors import Interrupted, UserError
+from .methods import METHODS, BuildContext, Method, build_method, method_class, method_options
 from .metrics import MetricsLogger
 from .models import backbone_kwargs, create_backbone, default_patch_size
-from .objective import SORTING, PretextObjective, build_objective, freeze_parameters, freeze_unreached_parameters
+from .objective import SORTING, PretextObjective, freeze_parameters, freeze_unreached_parameters
 from .precision import AMP_CHOICES, Precision, amp_dtype_for, channels_last_if_cnn, choose_precision
 from .visualize import save_restoration_grid
 
@@ -86,12 +85,11 @@ def validate(cfg: PretrainConfig) -> None:
 def refuse_unused_options(cfg: PretrainConfig) -> None:
     """An option that could not take effect is an error, not silently ignored."""
     if cfg.method == "energy" and cfg.method_options:
-        raise UserError("--method-options apply to the baselines (mae, ae, cae); the energy method takes none")
-    if cfg.method in ("mae", "cae"):
+        raise UserError("--method-options apply to the other methods; the energy method's settings are its flags")
+    method_options(cfg.method, cfg.method_options)
+    if not method_class(cfg.method).uses_task:
         if cfg.task != PretrainConfig.task or cfg.corruption:
-            raise UserError(
-                f"--task and corruption parameters do not apply to {cfg.method}, which masks patches itself"
-            )
+            raise UserError(f"--task and corruption parameters do not apply to {cfg.method}, which has its own views")
         return
     unused = sorted(set(cfg.corruption) - tasks_in_use(cfg.task, cfg.corruption))
     if unused:
@@ -120,23 +118,6 @@ def resolve_precision(
             f"grad_mode fast needs a smooth backbone; {cfg.model} has {', '.join(kinked)} (use --grad-mode exact)"
         )
     return choose_precision(cfg.grad_mode, cfg.amp, kinked, device)
-
-
-def build_model(
-    cfg: PretrainConfig, backbone: nn.Module, info: DataInfo, grad_mode: str = "exact"
-) -> tuple[nn.Module, nn.Module]:
-    """(the module checkpointed, the objective trained): an energy model and its pretext
-    objective, or a baseline, which is both."""
-    if cfg.method == "energy":
-        model = EnergyModel(
-            backbone, alpha_init=cfg.alpha_init or DEFAULT_ALPHA, head_init_std=cfg.head_init_std,
-            langevin_std=cfg.langevin_std, loss=cfg.loss, grad_mode=grad_mode,
-        )  # fmt: skip
-        return model, build_objective(model, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std)
-    baseline = build_baseline(
-        cfg.method, backbone, cfg.task, cfg.corruption, cfg.method_options, info.in_chans, info.mean, info.std
-    )
-    return baseline, baseline
 
 
 def run_metadata(cfg: PretrainConfig, img_size: int, in_chans: int, total_batch: int) -> dict[str, str]:
@@ -171,37 +152,41 @@ class ModelSetup:
     """The model as training starts: what is checkpointed, what is trained, and how."""
 
     model: nn.Module
-    objective: nn.Module
+    objective: Method
     grad_mode: str
-    amp_dtype: torch.dtype | None
+    precision: Precision
     why: str  # the reason for the precision, printed at start
     frozen: list[str]
 
 
 def setup_model(
-    cfg: PretrainConfig, info: DataInfo, img_size: int, example: torch.Tensor, device: torch.device, world: World
-) -> ModelSetup:
+    cfg: PretrainConfig, info: DataInfo, img_size: int, example: list[torch.Tensor], device: torch.device,
+    world: World,
+) -> ModelSetup:  # fmt: skip
     """Build the backbone and objective, choose the precision, freeze what cannot learn (a resumed
-    run: what it froze), and for a new run prime BatchNorm and size alpha on ``example``."""
+    run: what it froze), and for a new run prime BatchNorm and size alpha on ``example`` (views
+    of a few images)."""
     cfg.patch_size = cfg.patch_size or default_patch_size(cfg.model, img_size, announce=world.is_main)
     backbone = create_backbone(cfg.model, img_size=img_size, in_chans=info.in_chans, patch_size=cfg.patch_size)
     previous = previous_choices(cfg)
     if cfg.grad_mode == "auto" and "grad_mode" in previous:
         cfg.grad_mode = previous["grad_mode"]
     grad_mode, amp_dtype, why = resolve_precision(cfg, backbone, device)
-    model, objective = build_model(cfg, backbone, info, grad_mode)
-    channels_last_if_cnn(model.to(device), device)
+    precision = Precision.build(amp_dtype, device, energy=cfg.method == "energy")
+    objective = build_method(cfg.method, backbone, BuildContext(cfg, info, grad_mode, precision.input_scale))
+    model = objective.checkpointed()
+    channels_last_if_cnn(objective.to(device), device)
     if "frozen" in previous:
         frozen = freeze_parameters(objective, json.loads(previous["frozen"]))
     else:
         frozen = freeze_unreached_parameters(objective, example)
     if not cfg.resume and isinstance(objective, PretextObjective):  # before DDP, which broadcasts rank 0's
-        objective.model.prime_batchnorm(example)
+        objective.model.prime_batchnorm(example[0])
         if cfg.alpha_init is None:
-            alpha = objective.calibrate_alpha(example)
+            alpha = objective.calibrate_alpha(example[0])
             if world.is_main:
                 print(f"alpha starts at {alpha:.3g}: the first step covers half the corruption of a batch")
-    return ModelSetup(model, objective, grad_mode, amp_dtype, why, frozen)
+    return ModelSetup(model, objective, grad_mode, precision, why, frozen)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -214,6 +199,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         cleanup(world)
 
 
+def example_views(train_set: SeededAugmentation, device: torch.device, count: int = 8) -> list[torch.Tensor]:
+    """Each view of the first ``count`` training images, batched: what setup is tried on."""
+    items = [train_set[i][0] for i in range(min(count, len(train_set)))]
+    return [torch.stack(view).to(device) for view in zip(*items, strict=True)]
+
+
 def training_data(
     cfg: PretrainConfig, dataset: Dataset, info: DataInfo, img_size: int, world: World, device: torch.device
 ) -> tuple[SeededAugmentation, EpochSampler, DataLoader]:
@@ -221,7 +212,8 @@ def training_data(
     Augmentation and order depend on the seed and the epoch only, and the loader draws its
     worker seeds from its own generator, so training leaves the global random state to the
     model (dropout), which checkpoints save."""
-    train_set = SeededAugmentation(dataset, pretrain_transform(info, img_size, tuple(cfg.crop_scale)), cfg.seed)
+    views = method_class(cfg.method).transform(info, img_size, tuple(cfg.crop_scale))
+    train_set = SeededAugmentation(dataset, views, cfg.seed)
     sampler = EpochSampler(
         DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     )
@@ -305,20 +297,19 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
     steps_per_epoch = len(loader)
 
-    example = torch.stack([train_set[i][0] for i in range(min(8, len(train_set)))]).to(device)
+    example = example_views(train_set, device)
     setup = setup_model(cfg, info, img_size, example, device, world)
-    model, objective, grad_mode, amp_dtype, dead = (
+    model, objective, grad_mode, precision, dead = (
         setup.model,
         setup.objective,
         setup.grad_mode,
-        setup.amp_dtype,
+        setup.precision,
         setup.frozen,
     )
 
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
-    precision = Precision.build(amp_dtype, device, energy=cfg.method == "energy")
     state = TrainState()
     time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
     lr_at = lr_schedule(cfg, base_lr, steps_per_epoch, state, time_budget)
@@ -362,7 +353,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
             + f", {world.size} process(es), {device}"
             + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
         )
-        dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+        dtype = "float32" if precision.dtype is None else str(precision.dtype).removeprefix("torch.")
         gradient = f"{grad_mode} gradient, " if cfg.method == "energy" else ""
         print(f"precision: {gradient}{dtype}" + (f" ({setup.why})" if setup.why else ""))
 
@@ -394,7 +385,7 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
         done_in_epoch = state.step - epoch * steps_per_epoch
         epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size) if done_in_epoch else loader
         return train_one_epoch(
-            trained, epoch_loader, optimizer, lr_at, state, steps=cfg.steps, seed=cfg.seed, world=world,
+            trained, epoch_loader, optimizer, lr_at, state, seed=cfg.seed, world=world,
             device=device, precision=precision, clip_grad=cfg.clip_grad, max_steps=last_step,
             time_budget=time_budget, on_log=log, log_every=cfg.log_every, on_checkpoint=save,
             save_every=cfg.save_every, stop_asked=lambda: stop.asked,

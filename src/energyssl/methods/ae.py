@@ -5,6 +5,7 @@ decoder classifies each patch's position, with the same regularisers as energy s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,12 +13,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..corruptions import build_corruption
-from ..energy import Restoration
 from ..sorting import PatchSorting, edge_masked_patch_tokens
+from .base import BuildContext, Generator, Method, StepOutput
 from .common import LightDecoder, embed_patches, encode, gather, patchify, require_vit
 
 
-class AutoencoderTask(nn.Module):
+@dataclass
+class AEOptions:
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+
+
+class AutoencoderTask(Method):
+    Options = AEOptions
+    uses_task = True
+
+    @classmethod
+    def build(cls, backbone: nn.Module, context: BuildContext, options: AEOptions) -> AutoencoderTask:
+        cfg, info = context.cfg, context.info
+        return cls(backbone, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std, **vars(options))
+
     def __init__(
         self, backbone: nn.Module, task: str, params: dict[str, Any], in_chans: int, mean, std,
         decoder_dim: int = 128, decoder_depth: int = 2,
@@ -40,21 +55,18 @@ class AutoencoderTask(nn.Module):
             vit.embed_dim, grid, out, decoder_dim, decoder_depth, positions=self.sorting is None
         )
 
-    def forward(
-        self, images: Tensor, generator: torch.Generator | None = None, steps: int = 1, grad_scale: float = 1.0
-    ) -> Restoration:
-        vit = self.backbone
+    def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
+        images, vit = views[0], self.backbone
         if self.sorting is None:
             corrupted = self.corruption(images, generator)
             prediction = self.decoder(encode(vit, embed_patches(vit, corrupted)))
             target = patchify(images, vit.patch_embed.patch_size[0])
             loss = F.mse_loss(prediction, target)
-            return Restoration(
-                loss, [loss], [], F.mse_loss(patchify(corrupted, vit.patch_embed.patch_size[0]), target).detach()
-            )
+            corrupted_loss = F.mse_loss(patchify(corrupted, vit.patch_embed.patch_size[0]), target).detach()
+            return StepOutput(loss, {"corrupted_loss": corrupted_loss})
         return self._sorting(images, generator)
 
-    def _sorting(self, images: Tensor, generator: torch.Generator | None) -> Restoration:
+    def _sorting(self, images: Tensor, generator: Generator) -> StepOutput:
         vit, sorting = self.backbone, self.sorting
         assert sorting is not None
         patch = vit.patch_embed.patch_size[0]
@@ -67,4 +79,4 @@ class AutoencoderTask(nn.Module):
             tokens, positions = gather(tokens, kept), positions.gather(1, kept)
         logits = self.decoder(encode(vit, tokens))
         loss = F.cross_entropy(logits.flatten(0, 1), positions.flatten())
-        return Restoration(loss, [loss], [])
+        return StepOutput(loss)

@@ -8,10 +8,11 @@ On the 128-wide, 4-deep mini ViT that is 96 wide and 3 deep."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from ..energy import Restoration
+from .base import Generator, Method, StepOutput
 from .common import (
     LightDecoder,
     embed_patches,
@@ -28,7 +29,18 @@ from .common import (
 HEAD_DIM = 32  # MAE's decoder heads: 512 / 16
 
 
-class MAE(nn.Module):
+@dataclass
+class MAEOptions:
+    mask_ratio: float = 0.75
+    decoder_dim: int | None = None  # default: 2/3 of the encoder's width, a multiple of 32
+    decoder_depth: int | None = None  # default: 2/3 of the encoder's depth
+    norm_pix_loss: bool = True
+    sincos_positions: bool = True
+
+
+class MAE(Method):
+    Options = MAEOptions
+
     def __init__(
         self, backbone: nn.Module, mask_ratio: float = 0.75, decoder_dim: int | None = None,
         decoder_depth: int | None = None, norm_pix_loss: bool = True, sincos_positions: bool = True,
@@ -47,10 +59,8 @@ class MAE(nn.Module):
         if sincos_positions:
             fix_sincos_positions(vit)
 
-    def forward(
-        self, images: Tensor, generator: torch.Generator | None = None, steps: int = 1, grad_scale: float = 1.0
-    ) -> Restoration:
-        vit = self.backbone
+    def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
+        images, vit = views[0], self.backbone
         tokens = embed_patches(vit, images)
         visible, masked = random_split(len(images), tokens.shape[1], self.mask_ratio, generator, images.device)
         prediction = self.decoder(encode(vit, gather(tokens, visible)), visible)
@@ -58,4 +68,4 @@ class MAE(nn.Module):
         if self.norm_pix_loss:
             target = normalise_patches(target)
         loss = ((gather(prediction, masked) - gather(target, masked)) ** 2).mean()
-        return Restoration(loss, [loss], [])
+        return StepOutput(loss)

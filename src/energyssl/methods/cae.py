@@ -7,13 +7,15 @@ Loss: pixels + ``align_weight`` * alignment."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..energy import Restoration
+from .base import Generator, Method, StepOutput
 from .common import (
     blockwise_split,
     embed_patches,
@@ -41,7 +43,18 @@ class CrossAttentionBlock(nn.Module):
         return queries + self.mlp(self.norm_mlp(queries))
 
 
-class CAE(nn.Module):
+@dataclass
+class CAEOptions:
+    mask_ratio: float = 0.5
+    regressor_depth: int = 2
+    decoder_depth: int = 2
+    align_weight: float = 2.0
+    norm_pix_loss: bool = True
+
+
+class CAE(Method):
+    Options = CAEOptions
+
     def __init__(
         self, backbone: nn.Module, mask_ratio: float = 0.5, regressor_depth: int = 2, decoder_depth: int = 2,
         align_weight: float = 2.0, norm_pix_loss: bool = True,
@@ -59,10 +72,8 @@ class CAE(nn.Module):
         patch = vit.patch_embed.patch_size[0]
         self.predict = nn.Linear(dim, patch * patch * vit.patch_embed.proj.in_channels)
 
-    def forward(
-        self, images: Tensor, generator: torch.Generator | None = None, steps: int = 1, grad_scale: float = 1.0
-    ) -> Restoration:
-        vit = self.backbone
+    def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
+        images, vit = views[0], self.backbone
         tokens = embed_patches(vit, images)
         visible, masked = blockwise_split(
             len(images), vit.patch_embed.grid_size, self.mask_ratio, generator, images.device
@@ -81,4 +92,4 @@ class CAE(nn.Module):
             target = normalise_patches(target)
         pixels = F.mse_loss(prediction, target)
         loss = pixels + self.align_weight * align
-        return Restoration(loss, [pixels, align], [])
+        return StepOutput(loss, {"pixel_loss": pixels.detach(), "align_loss": align.detach()})
