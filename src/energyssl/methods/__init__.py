@@ -21,6 +21,7 @@ REGISTRY = {
     "mae": "mae:MAE",
     "ae": "ae:AutoencoderTask",
     "cae": "cae:CAE",
+    "mocov3": "mocov3:MoCoV3",
 }
 METHODS = tuple(REGISTRY)
 

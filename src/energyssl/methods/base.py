@@ -13,6 +13,7 @@ A method is an ``nn.Module`` with:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -75,17 +76,14 @@ class Method(nn.Module):
 
 
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (buffers copied)."""
+    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (buffers,
+    such as BatchNorm statistics, are the target's own, as MoCo v3 and DINO keep them)."""
     with torch.no_grad():
         for t, s in zip(target.parameters(), source.parameters(), strict=True):
             t.lerp_(s.detach(), 1.0 - momentum)
-        for t, s in zip(target.buffers(), source.buffers(), strict=True):
-            t.copy_(s)
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:
     """From ``start`` at progress 0 to ``end`` at 1 along a half cosine (the momentum schedule
     of BYOL, DINO, MoCo v3 and I-JEPA)."""
-    import math
-
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
