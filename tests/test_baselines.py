@@ -105,3 +105,25 @@ def test_pretrain_exports_an_encoder_that_fine_tunes_and_probes(tmp_path, method
     probe = tmp_path / f"{method}-probe"
     assert main(["probe", "--protocol", "knn", "--init", str(out), "--out", str(probe)]) == 0
     assert json.loads((probe / "results.json").read_text())["loaded_tensors"] == len(exported)
+
+
+def test_the_readmes_example_method_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
+    """The README's smallest method, loaded as a module of energyssl.methods and registered
+    with one line, pretrains through the CLI."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    from energyssl import methods
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"### Adding a method.*?```python\n(.*?)```", readme, re.S).group(1)
+    module = types.ModuleType("energyssl.methods.denoise_ae")
+    module.__package__ = "energyssl.methods"
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md", "exec"), module.__dict__)  # noqa: S102
+    monkeypatch.setitem(methods.REGISTRY, "denoise_ae", "denoise_ae:DenoisingAE")
+    args = ["pretrain", "--method", "denoise_ae", "--method-options", "{noise: 0.3}", "--max-steps", "2"]
+    assert main([*args, "--model", "essl_vit_micro_patch7", "--batch-size", "8", "--out", str(tmp_path)]) == 0
+    assert "noisy_loss" in (tmp_path / "metrics.jsonl").read_text()
