@@ -67,6 +67,13 @@ METHODS: dict[str, Method] = {
         ["--method", "cae"],
         {"mask75": ["--method-options", "{mask_ratio: 0.75}"], "align1": ["--method-options", "{align_weight: 1}"]},
     ),
+    "mocov3": Method(
+        ["--method", "mocov3"],
+        {
+            "t0.1": ["--method-options", "{temperature: 0.1}"],
+            "learnedpatch": ["--method-options", "{frozen_patch_projection: false}"],
+        },
+    ),
 }
 SCRATCH, PIXELS = "scratch", "pixels"
 FRACTIONS = (0.01, 0.1)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from energyssl import create_backbone
+from energyssl.flops import count_flops
 from energyssl.methods import method_for
 from energyssl.objective import freeze_unreached_parameters
 
@@ -37,7 +38,9 @@ METHODS = (
     "mae",
     "ae",
     "cae",
+    "mocov3",
 )
+VIEWS = {"mocov3": 2}  # methods trained on more than one view of each image
 
 
 def build_step(method: str, model_name: str, batch: int, task: str, device: str) -> Callable[[], None]:
@@ -55,8 +58,9 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
             _, k, grad_mode = method.split()
             method, options = "energy", {**options, "steps": int(k[2:]), "grad_mode": grad_mode}
         module = method_for(method, backbone, 1, MEAN, STD, **options).to(device)
-        freeze_unreached_parameters(module, [images[:4]])
-        loss_fn = lambda: module([images], generator).loss  # noqa: E731
+        views = [images, images.flip(-1)][: VIEWS.get(method, 1)]
+        freeze_unreached_parameters(module, [v[:4] for v in views])
+        loss_fn = lambda: module(views, generator).loss  # noqa: E731
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -93,7 +97,8 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     else:
         peak = torch.cuda.max_memory_allocated() / 2**20
     median = statistics.median(rates)
-    return {"img_per_s": median, "spread": (max(rates) - min(rates)) / median, "peak_mb": peak}
+    flops = count_flops(step)
+    return {"img_per_s": median, "spread": (max(rates) - min(rates)) / median, "peak_mb": peak, "gflops": flops / 1e9}
 
 
 def main() -> None:
@@ -118,14 +123,16 @@ def main() -> None:
         print(f"{method:<18} {r['img_per_s']:8.1f} img/s {r['peak_mb']:8.0f} MB", flush=True)
     base = results["supervised"]
     rows = [
-        "| step | img/s | cost vs supervised | peak memory (MB) | memory vs supervised | spread of repeats |",
-        "|---|---|---|---|---|---|",
+        "| step | img/s | cost vs supervised | GFLOPs | FLOPs vs supervised | peak memory (MB) | memory vs supervised "
+        "| spread of repeats |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         r["cost_ratio"] = base["img_per_s"] / r["img_per_s"]
         r["memory_ratio"] = r["peak_mb"] / max(base["peak_mb"], 1e-9)
         rows.append(
-            f"| {name} | {r['img_per_s']:.1f} | {r['cost_ratio']:.2f}x | {r['peak_mb']:.0f} | "
+            f"| {name} | {r['img_per_s']:.1f} | {r['cost_ratio']:.2f}x | {r['gflops']:.2f} | "
+            f"{r['gflops'] / base['gflops']:.2f}x | {r['peak_mb']:.0f} | "
             f"{r['memory_ratio']:.2f}x | {100 * r['spread']:.0f}% |"
         )
     for k in (1, 2):

@@ -98,13 +98,14 @@ def test_step_cost_reports_ratios_and_memory(tmp_path):
     out = tmp_path / "cost"
     cmd = [
         sys.executable, str(BENCHMARKS / "step_cost.py"), "--model", "essl_vit_micro_patch7", "--batch-size", "8",
-        "--methods", "supervised", "energy K=1 fast", "--repeats", "1", "--iters", "1", "--out", str(out),
+        "--methods", "supervised", "energy K=1 fast", "mocov3", "--repeats", "1", "--iters", "1", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())["results"]
     assert data["supervised"]["cost_ratio"] == 1.0
     assert data["energy K=1 fast"]["img_per_s"] > 0 and data["energy K=1 fast"]["peak_mb"] >= 0
+    assert data["energy K=1 fast"]["gflops"] > data["supervised"]["gflops"] > 0 and data["mocov3"]["gflops"] > 0
     bad = subprocess.run([*cmd[:2], "--methods", "mae"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must include supervised" in bad.stderr
 
