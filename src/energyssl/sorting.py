@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .corruptions import require, uniform
 from .energy import EnergyModel, Restoration
 from .errors import UserError
+from .vit_tokens import encode, patch_embeddings
 
 Generator = torch.Generator | None
 
@@ -111,19 +112,14 @@ def edge_masked_kernel(weight: Tensor, width: int) -> Tensor:
 def edge_masked_patch_tokens(vit: VisionTransformer, images: Tensor, widths: Tensor | None) -> Tensor:
     """The ViT's patch embedding (B, N, D), each image's computed with the outermost
     ``widths[b]`` pixels of the kernel zeroed (None: the whole kernel); no position embedding."""
-    proj = vit.patch_embed.proj
-
-    def embed(width: int) -> Tensor:
-        kernel = edge_masked_kernel(proj.weight, width)
-        return F.conv2d(images, kernel, proj.bias, stride=proj.stride, padding=proj.padding)
-
+    weight = vit.patch_embed.proj.weight
     if widths is None:
-        tokens = embed(0)
-    else:
-        tokens = torch.zeros(())
-        for width in widths.unique().tolist():
-            tokens = torch.where((widths == width).view(-1, 1, 1, 1), embed(int(width)), tokens)
-    return vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))
+        return patch_embeddings(vit, images)
+    tokens = torch.zeros(())
+    for width in widths.unique().tolist():
+        embedded = patch_embeddings(vit, images, edge_masked_kernel(weight, int(width)))
+        tokens = torch.where((widths == width).view(-1, 1, 1), embedded, tokens)
+    return tokens
 
 
 def energy_with_positions(
@@ -134,14 +130,7 @@ def energy_with_positions(
     tokens = edge_masked_patch_tokens(vit, images, edge) + positions
     if kept is not None:
         tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    prefix = []
-    if vit.cls_token is not None:
-        prefix.append(vit.cls_token.expand(len(images), -1, -1))
-    if vit.reg_token is not None:
-        prefix.append(vit.reg_token.expand(len(images), -1, -1))
-    x = torch.cat([*prefix, tokens], dim=1)
-    x = vit.norm(vit.blocks(vit.norm_pre(x)))
-    return model.head(vit.forward_head(x, pre_logits=True)).squeeze(-1)
+    return model.head(vit.forward_head(encode(vit, tokens), pre_logits=True)).squeeze(-1)
 
 
 def sorting_accuracy(positions: Tensor, table: Tensor, kept: Tensor | None = None) -> float:

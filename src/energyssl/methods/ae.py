@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..corruptions import build_corruption
 from ..sorting import PatchSorting, edge_masked_patch_tokens
 from .base import BuildContext, Generator, Method, StepOutput
-from .common import LightDecoder, embed_patches, encode, gather, patchify, require_vit
+from .common import LightDecoder, encode, gather, patch_tokens, patchify, require_vit
 
 
 @dataclass
@@ -59,7 +59,7 @@ class AutoencoderTask(Method):
         images, vit = views[0], self.backbone
         if self.sorting is None:
             corrupted = self.corruption(images, generator)
-            prediction = self.decoder(encode(vit, embed_patches(vit, corrupted)))
+            prediction = self.decoder(encode(vit, patch_tokens(vit, corrupted)))
             target = patchify(images, vit.patch_embed.patch_size[0])
             loss = F.mse_loss(prediction, target)
             corrupted_loss = F.mse_loss(patchify(corrupted, vit.patch_embed.patch_size[0]), target).detach()

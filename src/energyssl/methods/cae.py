@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from .base import Generator, Method, StepOutput
 from .common import (
     blockwise_split,
-    embed_patches,
     encode,
     gather,
     normalise_patches,
     patch_positions,
+    patch_tokens,
     patchify,
     require_vit,
 )
@@ -74,7 +74,7 @@ class CAE(Method):
 
     def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
         images, vit = views[0], self.backbone
-        tokens = embed_patches(vit, images)
+        tokens = patch_tokens(vit, images)
         visible, masked = blockwise_split(
             len(images), vit.patch_embed.grid_size, self.mask_ratio, generator, images.device
         )

@@ -12,14 +12,22 @@ from torch import Tensor, nn
 
 from ..corruptions import uniform
 from ..errors import UserError
+from ..vit_tokens import encode, patch_positions, patch_tokens
+
+__all__ = ["encode", "patch_positions", "patch_tokens"]  # the token path, re-exported for the methods
 
 Generator = torch.Generator | None
 
 
 def require_vit(backbone: nn.Module, method: str) -> VisionTransformer:
-    if not isinstance(backbone, VisionTransformer) or backbone.pos_embed is None or backbone.dynamic_img_size:
-        raise UserError(f"{method} needs a ViT with an absolute position embedding, not {type(backbone).__name__}")
-    return backbone
+    """A timm ViT with an absolute position embedding and one class token (the decoders'
+    layout)."""
+    vit = backbone
+    if not isinstance(vit, VisionTransformer) or vit.pos_embed is None or vit.dynamic_img_size:
+        raise UserError(f"{method} needs a ViT with an absolute position embedding, not {type(vit).__name__}")
+    if vit.cls_token is None or vit.num_prefix_tokens != 1:
+        raise UserError(f"{method} needs a ViT with one class token and no register tokens")
+    return vit
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -82,24 +90,6 @@ def blockwise_split(
     stacked = torch.stack(masks).to(device)
     ids = torch.arange(n, device=device).expand(batch, -1)
     return ids[~stacked].view(batch, -1), ids[stacked].view(batch, -1)
-
-
-def patch_positions(vit: VisionTransformer) -> Tensor:
-    """The position embeddings of the patch tokens, (1, N, D)."""
-    return vit.pos_embed[:, 0 if vit.no_embed_class else vit.num_prefix_tokens :]
-
-
-def embed_patches(vit: VisionTransformer, images: Tensor, with_positions: bool = True) -> Tensor:
-    tokens = vit.patch_embed(images)
-    return tokens + patch_positions(vit) if with_positions else tokens
-
-
-def encode(vit: VisionTransformer, tokens: Tensor) -> Tensor:
-    """The ViT blocks and final norm over a class token plus the given patch tokens (B, 1 + M, D)."""
-    prefix = vit.cls_token.expand(len(tokens), -1, -1)
-    if not vit.no_embed_class:
-        prefix = prefix + vit.pos_embed[:, :1]
-    return vit.norm(vit.blocks(vit.norm_pre(torch.cat([prefix, tokens], dim=1))))
 
 
 def fix_sincos_positions(vit: VisionTransformer) -> None:

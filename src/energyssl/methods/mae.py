@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from .base import Generator, Method, StepOutput
 from .common import (
     LightDecoder,
-    embed_patches,
     encode,
     fix_sincos_positions,
     gather,
     normalise_patches,
+    patch_tokens,
     patchify,
     random_split,
     require_vit,
@@ -61,7 +61,7 @@ class MAE(Method):
 
     def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
         images, vit = views[0], self.backbone
-        tokens = embed_patches(vit, images)
+        tokens = patch_tokens(vit, images)
         visible, masked = random_split(len(images), tokens.shape[1], self.mask_ratio, generator, images.device)
         prediction = self.decoder(encode(vit, gather(tokens, visible)), visible)
         target = patchify(images, vit.patch_embed.patch_size[0])

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision import transforms
 
 from ..data import DataInfo
+from ..vit_tokens import pooled
 from .base import Generator, Method, StepOutput, cosine_schedule, ema_update
 from .common import fix_sincos_positions, require_vit
 
@@ -63,11 +64,6 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     logits = q @ k.T / temperature
     labels = torch.arange(len(q), device=q.device) + offset
     return F.cross_entropy(logits, labels) * 2 * temperature
-
-
-def pooled(vit: nn.Module, images: Tensor) -> Tensor:
-    """The backbone's pooled feature (class token), what a classifier would see."""
-    return vit.forward_head(vit.forward_features(images), pre_logits=True)
 
 
 class MoCoV3(Method):
