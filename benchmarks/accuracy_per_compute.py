@@ -74,6 +74,13 @@ METHODS: dict[str, Method] = {
             "learnedpatch": ["--method-options", "{frozen_patch_projection: false}"],
         },
     ),
+    "dino": Method(
+        ["--method", "dino"],
+        {
+            "t0.07": ["--method-options", "{teacher_temp: 0.07, teacher_temp_warmup: 0.3}"],  # its longer runs
+            "local4": ["--method-options", "{local_crops: 4}"],
+        },
+    ),
 }
 SCRATCH, PIXELS = "scratch", "pixels"
 FRACTIONS = (0.01, 0.1)

@@ -39,8 +39,13 @@ METHODS = (
     "ae",
     "cae",
     "mocov3",
+    "dino",
 )
-VIEWS = {"mocov3": 2}  # methods trained on more than one view of each image
+# the views of methods trained on more than one: MoCo v3's pair, DINO's 2 global and 8 local crops
+VIEWS = {
+    "mocov3": lambda x: [x, x.flip(-1)],
+    "dino": lambda x: [x, x.flip(-1), *[x[..., : x.shape[-2] // 2, : x.shape[-1] // 2]] * 8],
+}
 
 
 def build_step(method: str, model_name: str, batch: int, task: str, device: str) -> Callable[[], None]:
@@ -58,7 +63,7 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
             _, k, grad_mode = method.split()
             method, options = "energy", {**options, "steps": int(k[2:]), "grad_mode": grad_mode}
         module = method_for(method, backbone, 1, MEAN, STD, **options).to(device)
-        views = [images, images.flip(-1)][: VIEWS.get(method, 1)]
+        views = VIEWS[method](images) if method in VIEWS else [images]
         freeze_unreached_parameters(module, [v[:4] for v in views])
         loss_fn = lambda: module(views, generator).loss  # noqa: E731
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)

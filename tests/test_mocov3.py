@@ -44,7 +44,7 @@ def test_momentum_encoder_follows_with_a_momentum_rising_to_one():
 
 def test_two_asymmetric_views_of_each_image():
     info = DataInfo(1, 28, (0.5,), (0.5,), 10)
-    views = MoCoV3.transform(info, 28, (0.2, 1.0))(Image.new("L", (28, 28), 128))
+    views = MoCoV3.transform(info, 28, (0.2, 1.0), MoCoV3.Options())(Image.new("L", (28, 28), 128))
     assert len(views) == 2 and all(v.shape == (1, 28, 28) for v in views)
 
 

@@ -211,7 +211,8 @@ def training_data(
     Augmentation and order depend on the seed and the epoch only, and the loader draws its
     worker seeds from its own generator, so training leaves the global random state to the
     model (dropout), which checkpoints save."""
-    views = method_class(cfg.method).transform(info, img_size, tuple(cfg.crop_scale))
+    options = method_options(cfg.method, cfg.method_options)
+    views = method_class(cfg.method).transform(info, img_size, tuple(cfg.crop_scale), options)
     train_set = SeededAugmentation(dataset, views, cfg.seed)
     sampler = EpochSampler(
         DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)

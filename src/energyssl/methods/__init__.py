@@ -22,6 +22,7 @@ REGISTRY = {
     "ae": "ae:AutoencoderTask",
     "cae": "cae:CAE",
     "mocov3": "mocov3:MoCoV3",
+    "dino": "dino:DINO",
 }
 METHODS = tuple(REGISTRY)
 

@@ -59,8 +59,10 @@ class Method(nn.Module):
         return cls(backbone, **vars(options))
 
     @classmethod
-    def transform(cls, info: DataInfo, img_size: int, crop_scale: tuple[float, float]) -> Callable[[Any], list]:
-        """The views of one image; by default one RandomResizedCrop and flip."""
+    def transform(
+        cls, info: DataInfo, img_size: int, crop_scale: tuple[float, float], options: Any
+    ) -> Callable[[Any], list]:
+        """The views of one image (``options``: the method's); by default one RandomResizedCrop and flip."""
         crop = pretrain_transform(info, img_size, crop_scale)
         return lambda image: [crop(image)]
 

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import transforms
 
 from ..data import DataInfo
 from ..vit_tokens import pooled
+from .augment import byol_view
 from .base import Generator, Method, StepOutput, cosine_schedule, ema_update
 from .common import fix_sincos_positions, require_vit
 
@@ -87,27 +87,14 @@ class MoCoV3(Method):
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     @classmethod
-    def transform(cls, info: DataInfo, img_size: int, crop_scale: tuple[float, float]) -> Callable[[Any], list]:
+    def transform(
+        cls, info: DataInfo, img_size: int, crop_scale: tuple[float, float], options: MoCoV3Options
+    ) -> Callable[[Any], list]:
         """Two views: crops of 8-100% of the image, flip, jitter, grey, then blur and solarize
         applied asymmetrically (crop_scale's lower end is the paper's 0.08, not --crop-scale)."""
 
-        def view(blur: float, solarize: float) -> transforms.Compose:
-            colour = info.in_chans == 3
-            jitter = transforms.ColorJitter(0.4, 0.4, 0.2 if colour else 0.0, 0.1 if colour else 0.0)
-            bicubic = transforms.InterpolationMode.BICUBIC
-            steps = [
-                transforms.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=bicubic),
-                transforms.RandomHorizontalFlip(),
-                transforms.RandomApply([jitter], p=0.8),
-                *([transforms.RandomGrayscale(0.2)] if colour else []),
-                transforms.RandomApply([transforms.GaussianBlur(max(3, img_size // 10 * 2 + 1), (0.1, 2.0))], p=blur),
-                transforms.RandomSolarize(128, p=solarize),
-                transforms.ToTensor(),
-                transforms.Normalize(info.mean, info.std),
-            ]  # fmt: skip
-            return transforms.Compose(steps)
-
-        first, second = view(1.0, 0.0), view(0.1, 0.2)
+        first = byol_view(info, img_size, (0.08, 1.0), blur=1.0, solarize=0.0)
+        second = byol_view(info, img_size, (0.08, 1.0), blur=0.1, solarize=0.2)
         return lambda image: [first(image), second(image)]
 
     def _query(self, images: Tensor) -> Tensor:
