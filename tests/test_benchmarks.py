@@ -98,7 +98,8 @@ def test_step_cost_reports_ratios_and_memory(tmp_path):
     out = tmp_path / "cost"
     cmd = [
         sys.executable, str(BENCHMARKS / "step_cost.py"), "--model", "essl_vit_micro_patch7", "--batch-size", "8",
-        "--methods", "supervised", "energy K=1 fast", "mocov3", "dino", "--repeats", "1", "--iters", "1", "--out", str(out),
+        "--methods", "supervised", "energy K=1 fast", "mocov3", "dino", "--repeats", "1", "--iters", "1",
+        "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
