@@ -81,6 +81,13 @@ METHODS: dict[str, Method] = {
             "local4": ["--method-options", "{local_crops: 4}"],
         },
     ),
+    "ijepa": Method(
+        ["--method", "ijepa"],
+        {
+            "blocks2": ["--method-options", "{target_blocks: 2}"],
+            "deeppred": ["--method-options", "{predictor_depth: 4}"],
+        },
+    ),
 }
 SCRATCH, PIXELS = "scratch", "pixels"
 FRACTIONS = (0.01, 0.1)

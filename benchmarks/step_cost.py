@@ -40,6 +40,7 @@ METHODS = (
     "cae",
     "mocov3",
     "dino",
+    "ijepa",
 )
 # the views of methods trained on more than one: MoCo v3's pair, DINO's 2 global and 8 local crops
 VIEWS = {

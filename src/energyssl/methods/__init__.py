@@ -23,6 +23,7 @@ REGISTRY = {
     "cae": "cae:CAE",
     "mocov3": "mocov3:MoCoV3",
     "dino": "dino:DINO",
+    "ijepa": "ijepa:IJEPA",
 }
 METHODS = tuple(REGISTRY)
 

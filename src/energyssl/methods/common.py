@@ -55,6 +55,14 @@ def random_split(batch: int, n: int, ratio: float, generator: Generator, device:
     return order[:, masked:].sort(dim=1).values, order[:, :masked].sort(dim=1).values
 
 
+def host_generator(generator: Generator, device: torch.device) -> torch.Generator | None:
+    """A CPU generator for masks drawn in Python loops, seeded from ``generator`` (which may
+    live on the GPU); None stays None (the global random state)."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(int(uniform((1,), generator, device).item() * 2**62))
+
+
 def blockwise_split(
     batch: int, grid: tuple[int, int], ratio: float, generator: Generator, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -62,8 +70,7 @@ def blockwise_split(
     until round(ratio * n) patches are, then trimmed or filled at random to that count."""
     rows, cols = grid
     n = rows * cols
-    if generator is not None and generator.device.type != "cpu":  # the loop below draws on the host
-        generator = torch.Generator().manual_seed(int(uniform((1,), generator, device).item() * 2**62))
+    generator = host_generator(generator, device)  # the loop below draws on the host
     target = min(n - 1, max(1, round(ratio * n)))
     masks = []
     for _ in range(batch):
