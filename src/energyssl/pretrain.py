@@ -283,148 +283,187 @@ def resume(
         print(f"resumed from {folder} at step {state.step} (epoch {state.epoch})")
 
 
-def _pretrain(cfg: PretrainConfig, world: World) -> Path:
+@dataclass
+class Run:
+    """Everything a pretraining run holds while it trains."""
+
+    cfg: PretrainConfig
+    world: World
+    device: torch.device
+    out: Path
+    info: DataInfo
+    img_size: int
+    sampler: EpochSampler
+    loader: DataLoader
+    setup: ModelSetup
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    lr_at: Callable[[int], float]
+    metadata: dict[str, str]  # what a checkpoint must agree on to be resumed
+    descriptive: dict[str, str]  # what tools reading the checkpoint later need
+    trained: nn.Module  # the method, wrapped in DDP under torchrun
+    logger: MetricsLogger | None = None
+    held_out: torch.Tensor | None = None  # images for restoration figures (energy method, main process)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def last_step(self) -> int:
+        total = schedule_steps(self.cfg, self.steps_per_epoch)
+        return min(self.cfg.max_steps or total, total)
+
+    @property
+    def time_budget(self) -> float | None:
+        return None if self.cfg.time_budget is None else 60.0 * self.cfg.time_budget
+
+    @property
+    def figures(self) -> PretextObjective | None:
+        objective = self.setup.objective
+        return objective if isinstance(objective, PretextObjective) and self.held_out is not None else None
+
+
+def start_run(cfg: PretrainConfig, world: World) -> Run:
+    """Data, model, optimizer, schedule and (with --resume) the saved state: a run ready to train."""
     out = Path(cfg.out)
     # every process must refuse, or the others would wait for it forever
     if max_across(float((out / ckpt.LATEST).exists() and not cfg.resume), world) > 0:
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     device = resolve_device(cfg.device, world)
     seed_everything(cfg.seed + world.rank)
-
     dataset = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
     info = dataset.info
     img_size = cfg.img_size or info.img_size
     train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
-    steps_per_epoch = len(loader)
-
-    example = example_views(train_set, device)
-    setup = setup_model(cfg, info, img_size, example, device, world)
-    model, objective, grad_mode, precision, dead = (
-        setup.model,
-        setup.objective,
-        setup.grad_mode,
-        setup.precision,
-        setup.frozen,
-    )
-
+    setup = setup_model(cfg, info, img_size, example_views(train_set, device), device, world)
     total_batch = cfg.batch_size * world.size
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(setup.model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
     state = TrainState()
     time_budget = None if cfg.time_budget is None else 60.0 * cfg.time_budget
-    lr_at = lr_schedule(cfg, base_lr, steps_per_epoch, state, time_budget)
-
     metadata = run_metadata(cfg, img_size, info.in_chans, total_batch)
-    # what tools reading the checkpoint later need (restore, energy): not checked on resume
     descriptive = {
-        "mean": json.dumps(info.mean),
-        "std": json.dumps(info.std),
-        "grad_mode": grad_mode,
-        "frozen": json.dumps(dead),
-        "corruption": json.dumps(cfg.corruption),
+        "mean": json.dumps(info.mean), "std": json.dumps(info.std), "grad_mode": setup.grad_mode,
+        "frozen": json.dumps(setup.frozen), "corruption": json.dumps(cfg.corruption),
         "val_fraction": str(cfg.val_fraction),
-    }
+    }  # fmt: skip
     if cfg.resume:
-        resume(cfg, model, optimizer, precision, state, metadata, world)
-
-    trained: nn.Module = objective
+        resume(cfg, setup.model, optimizer, setup.precision, state, metadata, world)
+    trained: nn.Module = setup.objective
     if world.distributed:
-        trained = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    logger, held_out = None, None
-    # restoration reports and figures (energy method, main process)
-    figures = objective if isinstance(objective, PretextObjective) and world.is_main else None
-    if figures is not None:
-        held_out = held_out_images(cfg, info, img_size).to(device)
+        ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(setup.objective, device_ids=ids)
+    lr_at = lr_schedule(cfg, base_lr, len(loader), state, time_budget)
+    run = Run(cfg, world, device, out, info, img_size, sampler, loader, setup, optimizer, state, lr_at, metadata,
+              descriptive, trained)  # fmt: skip
     if world.is_main:
+        if isinstance(setup.objective, PretextObjective):
+            run.held_out = held_out_images(cfg, info, img_size).to(device)
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
-        logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
-        logger.forget_after(state.step)
-        print(
-            f"pretraining {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) with "
-            f"{cfg.method} on {len(train_set)} images of {getattr(dataset, 'split', cfg.data)}, task {cfg.task}"
-            + (f", K={cfg.steps}" if cfg.method == "energy" else "")
-            + f", lr {base_lr:.2e}, "
-            f"{steps_per_epoch} steps/epoch x {cfg.epochs:g} epochs"
-            + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
-            + f", {world.size} process(es), {device}"
-            + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
-        )
-        dtype = "float32" if precision.dtype is None else str(precision.dtype).removeprefix("torch.")
-        gradient = f"{grad_mode} gradient, " if cfg.method == "energy" else ""
-        print(f"precision: {gradient}{dtype}" + (f" ({setup.why})" if setup.why else ""))
+        run.logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+        run.logger.forget_after(state.step)
+        announce(run, len(train_set), getattr(dataset, "split", cfg.data), base_lr)
+    return run
 
-    def save() -> None:
-        states = random_states(world)  # collective under DDP
-        if world.is_main:
-            training_state = {
-                "random": states,
-                "step": state.step,
-                "epoch": state.epoch,
-                "elapsed": state.elapsed,
-                "optimizer": optimizer.state_dict(),
-                "skipped": state.skipped,
-                **precision.state_dict(),
-                "config": json.dumps(cfg.to_dict()),
-            }
-            ckpt.save_checkpoint(out, model, training_state, {**metadata, **descriptive})
 
-    def log(record: dict[str, float]) -> None:
-        if logger is not None:
-            logger.log(state.step, record)
+def announce(run: Run, images: int, source: str, base_lr: float) -> None:
+    """The lines a run prints as it starts: what trains on what, and at which precision."""
+    cfg, setup = run.cfg, run.setup
+    dead = setup.frozen
+    print(
+        f"pretraining {cfg.model} ({sum(p.numel() for p in setup.model.parameters()) / 1e6:.2f}M params) with "
+        f"{cfg.method} on {images} images of {source}, task {cfg.task}"
+        + (f", K={cfg.steps}" if cfg.method == "energy" else "")
+        + f", lr {base_lr:.2e}, "
+        f"{run.steps_per_epoch} steps/epoch x {cfg.epochs:g} epochs"
+        + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
+        + f", {run.world.size} process(es), {run.device}"
+        + (f"; frozen (no gradient path): {', '.join(dead)}" if dead else "")
+    )
+    dtype = "float32" if setup.precision.dtype is None else str(setup.precision.dtype).removeprefix("torch.")
+    gradient = f"{setup.grad_mode} gradient, " if cfg.method == "energy" else ""
+    print(f"precision: {gradient}{dtype}" + (f" ({setup.why})" if setup.why else ""))
 
-    last_step = min(cfg.max_steps or schedule_steps(cfg, steps_per_epoch), schedule_steps(cfg, steps_per_epoch))
 
-    def train_epoch(epoch: int) -> bool:
-        """Train the rest of ``epoch`` (a resumed run skips the batches already trained on);
-        True when a SIGINT or SIGTERM stopped it."""
-        sampler.set_epoch(epoch)
-        done_in_epoch = state.step - epoch * steps_per_epoch
-        epoch_loader = _skip_batches(loader, sampler, done_in_epoch * cfg.batch_size) if done_in_epoch else loader
-        return train_one_epoch(
-            trained, epoch_loader, optimizer, lr_at, state, seed=cfg.seed, world=world,
-            device=device, precision=precision, clip_grad=cfg.clip_grad, max_steps=last_step,
-            time_budget=time_budget, on_log=log, log_every=cfg.log_every, on_checkpoint=save,
-            save_every=cfg.save_every, stop_asked=lambda: stop.asked,
-        )  # fmt: skip
+def save(run: Run) -> None:
+    """A checkpoint of the run as it stands (weights, optimizer, scales, random states)."""
+    states = random_states(run.world)  # collective under DDP
+    if run.world.is_main:
+        state = run.state
+        training_state = {
+            "random": states, "step": state.step, "epoch": state.epoch, "elapsed": state.elapsed,
+            "optimizer": run.optimizer.state_dict(), "skipped": state.skipped, **run.setup.precision.state_dict(),
+            "config": json.dumps(run.cfg.to_dict()),
+        }  # fmt: skip
+        ckpt.save_checkpoint(run.out, run.setup.model, training_state, {**run.metadata, **run.descriptive})
 
-    grids = figures is not None and held_out is not None and cfg.vis_every > 0
+
+def train_epoch(run: Run, stop: StopRequest) -> bool:
+    """Train the rest of the current epoch (a resumed run skips the batches already trained on);
+    True when a SIGINT or SIGTERM stopped it."""
+    cfg, state = run.cfg, run.state
+    run.sampler.set_epoch(state.epoch)
+    done = state.step - state.epoch * run.steps_per_epoch
+    loader = _skip_batches(run.loader, run.sampler, done * cfg.batch_size) if done else run.loader
+
+    def log(record: dict[str, float]) -> None:  # every process computes the record: it averages across them
+        if run.logger is not None:
+            run.logger.log(state.step, record)
+
+    return train_one_epoch(
+        run.trained, loader, run.optimizer, run.lr_at, state, seed=cfg.seed, world=run.world, device=run.device,
+        precision=run.setup.precision, clip_grad=cfg.clip_grad, max_steps=run.last_step, time_budget=run.time_budget,
+        on_log=log, log_every=cfg.log_every,
+        on_checkpoint=lambda: save(run), save_every=cfg.save_every, stop_asked=lambda: stop.asked,
+    )  # fmt: skip
+
+
+def train(run: Run) -> None:
+    """Epochs until the last step or the time budget; a checkpoint (and, every --vis-every epochs,
+    a restoration grid) after each; a signal or a non-finite loss saves and stops."""
+    cfg, state = run.cfg, run.state
     try:
         with StopRequest() as stop:
-            while not budget_spent(state, last_step, time_budget):
-                stopped = train_epoch(state.epoch)
-                if state.step - state.epoch * steps_per_epoch >= steps_per_epoch:
+            while not budget_spent(state, run.last_step, run.time_budget):
+                stopped = train_epoch(run, stop)
+                if state.step - state.epoch * run.steps_per_epoch >= run.steps_per_epoch:
                     state.epoch += 1
-                    if grids and state.epoch % cfg.vis_every == 0:
-                        save_grid(figures, cfg, held_out, info, out / "restorations" / f"epoch-{state.epoch:03d}.png")
-                save()
+                    if run.figures is not None and cfg.vis_every > 0 and state.epoch % cfg.vis_every == 0:
+                        grid = run.out / "restorations" / f"epoch-{state.epoch:03d}.png"
+                        save_grid(run.figures, cfg, run.held_out, run.info, grid)
+                save(run)
                 if stopped:
-                    raise Interrupted(resume_hint(out, state.step, world))
+                    raise Interrupted(resume_hint(run.out, state.step, run.world))
     except NonFiniteLoss as exc:
-        save()
-        causes = "; ".join(nonfinite_causes(cfg, model, precision))
-        raise UserError(f"stopped: {exc}; the last good state is saved in {out}. Likely causes: {causes}") from exc
+        save(run)
+        causes = "; ".join(nonfinite_causes(cfg, run.setup.model, run.setup.precision))
+        raise UserError(f"stopped: {exc}; the last good state is saved in {run.out}. Likely causes: {causes}") from exc
     finally:
-        if logger is not None:
-            logger.close()
+        if run.logger is not None:
+            run.logger.close()
 
-    export_path = out / ckpt.BACKBONE
-    if figures is not None and held_out is not None:
-        report_restoration(figures, cfg, held_out, out)
-        save_grid(figures, cfg, held_out, info, out / "restorations" / "final.png")
-    if world.is_main:
-        ckpt.export_backbone(
-            export_path,
-            model.backbone,
-            cfg.model,
-            backbone_kwargs(cfg.model, img_size, info.in_chans, cfg.patch_size),
-        )
-        seen = state.step * total_batch
-        print(f"done at step {state.step} ({seen} images, {state.elapsed:.0f} s); backbone exported to {export_path}")
+
+def finish(run: Run) -> Path:
+    """Restoration report and figures (energy method), then the backbone's export."""
+    cfg, export_path = run.cfg, run.out / ckpt.BACKBONE
+    if run.figures is not None:
+        report_restoration(run.figures, cfg, run.held_out, run.out)
+        save_grid(run.figures, cfg, run.held_out, run.info, run.out / "restorations" / "final.png")
+    if run.world.is_main:
+        kwargs = backbone_kwargs(cfg.model, run.img_size, run.info.in_chans, cfg.patch_size)
+        ckpt.export_backbone(export_path, run.setup.model.backbone, cfg.model, kwargs)
+        seen = run.state.step * cfg.batch_size * run.world.size
+        print(f"done at step {run.state.step} ({seen} images, {run.state.elapsed:.0f} s); "
+              f"backbone exported to {export_path}")  # fmt: skip
     return export_path
+
+
+def _pretrain(cfg: PretrainConfig, world: World) -> Path:
+    run = start_run(cfg, world)
+    train(run)
+    return finish(run)
 
 
 def resume_hint(out: Path, step: int, world: World) -> str:
