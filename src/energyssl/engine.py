@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -56,72 +56,97 @@ def step_size(method: nn.Module) -> float | None:
     return model.alpha.item() if isinstance(model, EnergyModel) else None
 
 
+@dataclass
+class Loop:
+    """How :func:`train_one_epoch` runs: where, how far, and whom it reports to."""
+
+    world: World
+    device: torch.device
+    precision: Precision = field(default_factory=Precision)
+    seed: int = 0
+    clip_grad: float | None = None
+    max_steps: int | None = None
+    time_budget: float | None = None  # seconds of training steps
+    log_every: int = 10
+    save_every: int = 0
+    on_log: Callable[[dict[str, float]], None] | None = None  # called on every process (records average)
+    on_checkpoint: Callable[[], None] | None = None
+    stop_asked: Callable[[], bool] | None = None  # a signal arrived on this process
+
+
 def train_one_epoch(
     objective: nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     lr_at: Callable[[int], float],
     state: TrainState,
-    *,
-    seed: int,
-    world: World,
-    device: torch.device,
-    precision: Precision | None = None,
-    clip_grad: float | None = None,
-    max_steps: int | None = None,
-    time_budget: float | None = None,
-    on_log: Callable[[dict[str, float]], None] | None = None,
-    log_every: int = 10,
-    on_checkpoint: Callable[[], None] | None = None,
-    save_every: int = 0,
-    stop_asked: Callable[[], bool] | None = None,
+    loop: Loop,
 ) -> bool:
     """Optimise the method's loss over ``loader``; ``state.step`` counts optimizer steps
     (fp16 steps skipped for an overflow included, as GradScaler counts them).
     ``objective`` is a :class:`~.methods.base.Method`, possibly wrapped in DDP. Stops early at
     ``max_steps``, when ``state.elapsed`` reaches ``time_budget`` seconds, or after the step
     during which ``stop_asked`` became true on any process; returns whether it stopped so."""
-    precision = precision or Precision()
     objective.train()
-    bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not world.is_main, dynamic_ncols=True, leave=False)
-    tick, seen = time.perf_counter(), 0
-    step_start = tick
-    for views, _ in bar:
-        if budget_spent(state, max_steps, time_budget):
+    bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not loop.world.is_main, dynamic_ncols=True, leave=False)
+    meter = Throughput()
+    step_start = meter.tick
+    for views, _ in bar:  # a step's time includes loading its batch
+        if budget_spent(state, loop.max_steps, loop.time_budget):
             break
         lr = lr_at(state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        views = [v.to(device, non_blocking=True) for v in views]
-        generator = corruption_generator(seed, world.rank, state.step, device)
-        out = train_step(objective, views, generator, optimizer, precision, clip_grad, world, state.step)
+        views = [v.to(loop.device, non_blocking=True) for v in views]
+        generator = corruption_generator(loop.seed, loop.world.rank, state.step, loop.device)
+        out = train_step(objective, views, generator, optimizer, loop.precision, loop.clip_grad, loop.world, state.step)
         state.step += 1
         state.skipped += out is None
         if out is not None:
-            unwrap(objective).after_step(state.step / max_steps if max_steps else 0.0)
-        seen += views[0].shape[0]
+            unwrap(objective).after_step(state.step / loop.max_steps if loop.max_steps else 0.0)
+        meter.seen += views[0].shape[0]
         state.elapsed += time.perf_counter() - step_start
-        if time_budget is not None:  # every process must stop at the same step
-            state.elapsed = max_across(state.elapsed, world)
-
-        alpha = step_size(objective)
-        if out is not None:
-            postfix = {"loss": f"{out.loss.item():.4f}", "lr": f"{lr:.2e}"}
-            bar.set_postfix(postfix | ({} if alpha is None else {"alpha": f"{alpha:.3f}"}))
-        stopping = stop_asked is not None and stop_agreed(stop_asked(), world)
-        last = stopping or budget_spent(state, max_steps, time_budget)  # a run's last step is always logged
-        if on_log is not None and out is not None and (state.step % log_every == 0 or last):
-            elapsed = time.perf_counter() - tick
-            on_log(step_record(out, state, lr, alpha, seen * world.size / elapsed, precision, world))
-            tick, seen = time.perf_counter(), 0
-        if on_checkpoint is not None and save_every and state.step % save_every == 0:
-            on_checkpoint()
+        if loop.time_budget is not None:  # every process must stop at the same step
+            state.elapsed = max_across(state.elapsed, loop.world)
+        stopping = loop.stop_asked is not None and stop_agreed(loop.stop_asked(), loop.world)
+        last = stopping or budget_spent(state, loop.max_steps, loop.time_budget)  # a run's last step is logged
+        report(objective, out, state, lr, loop, meter, bar, last)
         step_start = time.perf_counter()  # checkpoints do not count against the budget
         if stopping:
             bar.close()
             return True
     bar.close()
     return False
+
+
+@dataclass
+class Throughput:
+    """Images since the last log line, and when it was written."""
+
+    seen: int = 0
+    tick: float = field(default_factory=time.perf_counter)
+
+    def images_per_second(self, world: World) -> float:
+        rate = self.seen * world.size / (time.perf_counter() - self.tick)
+        self.seen, self.tick = 0, time.perf_counter()
+        return rate
+
+
+def report(
+    objective: nn.Module, out: StepOutput | None, state: TrainState, lr: float, loop: Loop, meter: Throughput,
+    bar: tqdm, last: bool,
+) -> None:  # fmt: skip
+    """After a step: the progress bar, the metrics record every ``log_every`` steps (and on a
+    run's last step), and a checkpoint every ``save_every`` (not counted in the time budget)."""
+    alpha = step_size(objective)
+    if out is not None:
+        postfix = {"loss": f"{out.loss.item():.4f}", "lr": f"{lr:.2e}"}
+        bar.set_postfix(postfix | ({} if alpha is None else {"alpha": f"{alpha:.3f}"}))
+    if loop.on_log is not None and out is not None and (state.step % loop.log_every == 0 or last):
+        rate = meter.images_per_second(loop.world)
+        loop.on_log(step_record(out, state, lr, alpha, rate, loop.precision, loop.world))
+    if loop.on_checkpoint is not None and loop.save_every and state.step % loop.save_every == 0:
+        loop.on_checkpoint()
 
 
 def train_step(

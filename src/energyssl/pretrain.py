@@ -38,6 +38,7 @@ from .distributed import (
 )
 from .energy import GRAD_MODES, EnergyModel, non_smooth_layers
 from .engine import (
+    Loop,
     NonFiniteLoss,
     TrainState,
     budget_spent,
@@ -412,12 +413,11 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
         if run.logger is not None:
             run.logger.log(state.step, record)
 
-    return train_one_epoch(
-        run.trained, loader, run.optimizer, run.lr_at, state, seed=cfg.seed, world=run.world, device=run.device,
-        precision=run.setup.precision, clip_grad=cfg.clip_grad, max_steps=run.last_step, time_budget=run.time_budget,
-        on_log=log, log_every=cfg.log_every,
-        on_checkpoint=lambda: save(run), save_every=cfg.save_every, stop_asked=lambda: stop.asked,
+    loop = Loop(
+        run.world, run.device, run.setup.precision, cfg.seed, cfg.clip_grad, run.last_step, run.time_budget,
+        cfg.log_every, cfg.save_every, on_log=log, on_checkpoint=lambda: save(run), stop_asked=lambda: stop.asked,
     )  # fmt: skip
+    return train_one_epoch(run.trained, loader, run.optimizer, run.lr_at, state, loop)
 
 
 def train(run: Run) -> None:
