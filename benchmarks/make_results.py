@@ -12,9 +12,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 # (heading, table written by a benchmark script, which names the command that regenerates it)
 SECTIONS = [
-    ("Accuracy at equal pretraining wall time", "accuracy_per_compute.md"),
-    ("Restoration steps K at equal pretraining wall time", "k_ablation.md"),
-    ("One change at a time from the old defaults (mixed, K=2, exact)", "tuning.md"),
+    ("Accuracy against pretraining compute: the protocol", "protocol.md"),
+    ("Superseded: accuracy at equal pretraining wall time (chosen on test, one seed)", "accuracy_per_compute.md"),
+    ("Superseded: restoration steps K at equal wall time (chosen on test, one seed)", "k_ablation.md"),
+    ("Superseded: one change at a time from the old defaults (chosen on test, one seed)", "tuning.md"),
     ("Cost of one training step", "step_cost.md"),
     ("Fast mode's gradient fidelity", "fast_mode_fidelity.md"),
 ]
