@@ -128,3 +128,23 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     steps = {int(part.split(";")[0]) for part in err.split("interrupted at step ")[1:]}
     assert err.count("interrupted at step ") == 2 and len(steps) == 1, err[-2000:]  # both ranks, one step
     assert (out / "latest").read_text().strip() == f"checkpoint-{steps.pop():08d}"
+
+
+@pytest.mark.parametrize(
+    "method,options", [("dino", "{local_crops: 2, teacher_temp_warmup: 0.5}"), ("mocov3", "{}"), ("ijepa", "{}")]
+)
+def test_ema_methods_resume_exactly(tmp_path, method, options):
+    """Teacher weights, DINO's centre and temperature schedule are in the checkpoint; the
+    momentum is a function of progress: killed in step 5 and resumed, the losses are those of
+    the uninterrupted run."""
+    run = ["pretrain", "--model", "essl_vit_micro_patch7", "--batch-size", "8", "--method", method, "--seed", "2"]
+    run += ["--method-options", options, "--save-every", "2", "--log-every", "1", "--no-tensorboard"]
+    run += ["--max-steps", "8", "--epochs", "0.04"]  # 500 steps/epoch: the schedule spans 20 steps
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli(*run, "--out", str(whole)).returncode == 0
+    assert cli(*run, "--out", str(parts), killer=("step", 5)).returncode == -signal.SIGKILL
+    resumed = cli(*run, "--out", str(parts), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    expected = {r["step"]: r["loss"] for r in read_metrics(whole / "metrics.jsonl")}
+    got = {r["step"]: r["loss"] for r in read_metrics(parts / "metrics.jsonl")}
+    assert got == expected and len(got) == 8
