@@ -73,7 +73,9 @@ class PretrainConfig(CommonConfig):
     epochs: float = _opt(
         10.0, "training epochs; a fraction is fine: warmup and cosine span exactly round(epochs x steps/epoch) steps"
     )
-    method: str = _opt("energy", "energy (the method), or another in the same harness: mae, ae (AE + --task), cae")
+    method: str = _opt(
+        "energy", "energy (the method), or another in the same harness: mae, ae (AE + --task), cae, mocov3, dino, ijepa"
+    )
     method_options: dict = _opt(
         {}, "options of a method other than energy, e.g. {mask_ratio: 0.75, decoder_depth: 2} (see energyssl.methods)"
     )

@@ -1,5 +1,5 @@
-"""Pieces the baselines share: patches, masks, the ViT encoder on a subset of tokens, and a
-light transformer decoder."""
+"""Pieces the masked-image methods share (MAE, CAE, AE + task, I-JEPA): patches, masks, the
+token path re-exported, and a light transformer decoder."""
 
 from __future__ import annotations
 
