@@ -189,6 +189,26 @@ def test_torchrun_two_processes(tmp_path):
     assert len(load_training_state(find_checkpoint(out))["random"]) == 2  # each rank's random states
 
 
+@pytest.mark.parametrize("method,options", [("mocov3", "{}"), ("dino", "{local_crops: 2}")])
+def test_torchrun_gathers_keys_and_averages_the_centre(tmp_path, method, options):
+    """MoCo v3's keys come from every process (all_gather) and DINO's centre is averaged over
+    them (all_reduce): two processes train through both collectives without a hang."""
+    out = tmp_path / method
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+        "-m", "energyssl", "pretrain", *TINY, "--method", method, "--method-options", options, "--out", str(out),
+        "--max-steps", "2",
+    ]  # fmt: skip
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout and load_training_state(find_checkpoint(out))["step"] == 2
+    if method == "dino":
+        center = load_file(find_checkpoint(out) / "model.safetensors")["center"]
+        assert center.abs().sum() > 0
+
+
 def test_ddp_keeps_ranks_in_sync_through_the_double_backward():
     worker = Path(__file__).parent / "ddp_sync_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", str(worker)]
