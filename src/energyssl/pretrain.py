@@ -87,6 +87,8 @@ def refuse_unused_options(cfg: PretrainConfig) -> None:
     if cfg.method == "energy" and cfg.method_options:
         raise UserError("--method-options apply to the other methods; the energy method's settings are its flags")
     method_options(cfg.method, cfg.method_options)
+    if not method_class(cfg.method).uses_crop_scale and cfg.crop_scale != PretrainConfig().crop_scale:
+        raise UserError(f"--crop-scale does not apply to {cfg.method}, which crops as its paper does")
     if not method_class(cfg.method).uses_task:
         if cfg.task != PretrainConfig.task or cfg.corruption:
             raise UserError(f"--task and corruption parameters do not apply to {cfg.method}, which has its own views")

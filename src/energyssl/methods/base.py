@@ -51,6 +51,7 @@ class BuildContext:
 class Method(nn.Module):
     Options: ClassVar[type] = NoOptions
     uses_task: ClassVar[bool] = False  # whether --task (a corruption) applies
+    uses_crop_scale: ClassVar[bool] = True  # False: its views crop as its paper does
     backbone: nn.Module
 
     @classmethod

@@ -82,6 +82,7 @@ def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, stud
 
 class DINO(Method):
     Options = DINOOptions
+    uses_crop_scale = False  # the paper's own crops
 
     def __init__(self, backbone: nn.Module, **options: Any) -> None:
         super().__init__()

@@ -110,6 +110,7 @@ class Predictor(nn.Module):
 
 class IJEPA(Method):
     Options = IJEPAOptions
+    uses_crop_scale = False  # the paper's own crops
 
     def __init__(self, backbone: nn.Module, **options: Any) -> None:
         super().__init__()

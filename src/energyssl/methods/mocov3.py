@@ -68,6 +68,7 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
 
 class MoCoV3(Method):
     Options = MoCoV3Options
+    uses_crop_scale = False  # the paper's own crops
 
     def __init__(
         self, backbone: nn.Module, temperature: float = 0.2, momentum: float = 0.99, mlp_dim: int | None = None,
