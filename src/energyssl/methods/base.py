@@ -13,6 +13,7 @@ A method is an ``nn.Module`` with:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,12 @@ class Method(nn.Module):
     def checkpointed(self) -> nn.Module:
         """The module whose weights checkpoints hold (with ``backbone.`` keys for export)."""
         return self
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """An EMA teacher's start: a copy of ``module`` that the optimizer never touches; only
+    :func:`ema_update` moves it."""
+    return copy.deepcopy(module).requires_grad_(False)
 
 
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:

@@ -14,7 +14,6 @@ Left out: freezing the last layer during the first epoch and the weight-decay sc
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from ..data import DataInfo
 from ..errors import UserError
 from ..vit_tokens import pooled
 from .augment import byol_view
-from .base import Generator, Method, StepOutput, cosine_schedule, ema_update
+from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
 from .common import require_vit
 
 
@@ -95,8 +94,8 @@ class DINO(Method):
         wide = vit.embed_dim >= 384
         hidden, out = opts.hidden_dim or (2048 if wide else 512), opts.out_dim or (65536 if wide else 4096)
         self.head = DINOHead(vit.embed_dim, out, hidden, opts.bottleneck_dim, opts.norm_last_layer)
-        self.teacher_backbone = copy.deepcopy(vit).requires_grad_(False)
-        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.teacher_backbone = frozen_copy(vit)
+        self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out))
         self.register_buffer("progress", torch.zeros(()))  # for the temperature; saved, so resumes agree
         self.batch_center: Tensor | None = None

@@ -13,7 +13,6 @@ flip or colour augmentation. Scaled: the predictor is half the encoder's width a
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torchvision import transforms
 
 from ..data import DataInfo
 from ..vit_tokens import encode, patch_tokens
-from .base import Generator, Method, StepOutput, cosine_schedule, ema_update
+from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
 from .common import gather, host_generator, require_vit
 
 
@@ -122,7 +121,7 @@ class IJEPA(Method):
         heads = heads if width % heads == 0 else 1
         self.grid = tuple(vit.patch_embed.grid_size)
         self.predictor = Predictor(vit.embed_dim, self.grid, width, depth, heads)
-        self.target_encoder = copy.deepcopy(vit).requires_grad_(False)
+        self.target_encoder = frozen_copy(vit)
 
     @classmethod
     def transform(

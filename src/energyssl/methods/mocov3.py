@@ -11,7 +11,6 @@ brightness and contrast for one-channel images."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from ..data import DataInfo
 from ..vit_tokens import pooled
 from .augment import byol_view
-from .base import Generator, Method, StepOutput, cosine_schedule, ema_update
+from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
 from .common import fix_sincos_positions, require_vit
 
 
@@ -84,8 +83,8 @@ class MoCoV3(Method):
         hidden = mlp_dim or max(64, 64 * round(4096 * vit.embed_dim / 768 / 64))
         self.projector = mlp(3, vit.embed_dim, hidden, out_dim, last_bn=True)
         self.predictor = mlp(2, out_dim, hidden, out_dim, last_bn=False)
-        self.momentum_backbone = copy.deepcopy(vit).requires_grad_(False)
-        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.momentum_backbone = frozen_copy(vit)
+        self.momentum_projector = frozen_copy(self.projector)
 
     @classmethod
     def transform(
