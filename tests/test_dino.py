@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_ema_step
 from energyssl import create_backbone
 from energyssl.cli import main
 from energyssl.data import DataInfo
@@ -37,11 +38,7 @@ def test_teacher_follows_the_student_and_the_centre_the_teacher():
     with torch.no_grad():
         teacher_out = dino.teacher_head(dino.teacher_backbone.forward_head(
             dino.teacher_backbone.forward_features(torch.cat(views[:2])), pre_logits=True))  # fmt: skip
-        dino.backbone.blocks[0].mlp.fc1.weight.add_(1.0)
-    before = dino.teacher_backbone.blocks[0].mlp.fc1.weight.clone()
-    dino.after_step(0.0)
-    source = dino.backbone.blocks[0].mlp.fc1.weight
-    torch.testing.assert_close(dino.teacher_backbone.blocks[0].mlp.fc1.weight, 0.996 * before + 0.004 * source)
+    assert_ema_step(dino, dino.teacher_backbone, dino.backbone, 0.996)
     torch.testing.assert_close(dino.center, 0.1 * teacher_out.mean(0, keepdim=True))
     assert not dino.head.gain.requires_grad and dino.head.prototypes.shape == (4096, 256)
 
