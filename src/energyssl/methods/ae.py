@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from ..corruptions import build_corruption
 from ..sorting import PatchSorting, edge_masked_patch_tokens
+from ..vit_tokens import encode, patch_tokens
 from .base import BuildContext, Generator, Method, StepOutput
-from .common import LightDecoder, encode, gather, patch_tokens, patchify, require_vit
+from .common import LightDecoder, gather, patchify, require_vit
 
 
 @dataclass

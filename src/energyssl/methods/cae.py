@@ -15,14 +15,12 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from ..vit_tokens import encode, patch_positions, patch_tokens
 from .base import Generator, Method, StepOutput
 from .common import (
     blockwise_split,
-    encode,
     gather,
     normalise_patches,
-    patch_positions,
-    patch_tokens,
     patchify,
     require_vit,
 )

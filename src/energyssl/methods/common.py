@@ -1,5 +1,5 @@
 """Pieces the masked-image methods share (MAE, CAE, AE + task, I-JEPA): patches, masks, the
-token path re-exported, and a light transformer decoder."""
+requirements on the ViT, and a light transformer decoder."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from torch import Tensor, nn
 
 from ..corruptions import uniform
 from ..errors import UserError
-from ..vit_tokens import encode, patch_positions, patch_tokens
-
-__all__ = ["encode", "patch_positions", "patch_tokens"]  # the token path, re-exported for the methods
+from ..vit_tokens import patch_positions
 
 Generator = torch.Generator | None
 

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..vit_tokens import encode, patch_tokens
 from .base import Generator, Method, StepOutput
 from .common import (
     LightDecoder,
-    encode,
     fix_sincos_positions,
     gather,
     normalise_patches,
-    patch_tokens,
     patchify,
     random_split,
     require_vit,
