@@ -25,6 +25,7 @@ the machine did other work (the budgets, in FLOPs, are unaffected).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import statistics
@@ -37,7 +38,7 @@ from pathlib import Path
 from energyssl.checkpoint import find_checkpoint, load_training_state
 from energyssl.cli import build_parser
 from energyssl.config import PretrainConfig, resolve
-from energyssl.data import load_dataset
+from energyssl.data import DataInfo, load_dataset
 from energyssl.flops import pretrain_step_flops, supervised_step_flops
 
 
@@ -185,13 +186,20 @@ def cached(root: Path, key: str, compute) -> float:  # noqa: ANN001
     return table[key]
 
 
+@functools.cache
+def training_split(data: str) -> tuple[int, DataInfo]:
+    """Size and description of ``data``'s training split, read once per process."""
+    dataset = load_dataset(data, train=True)
+    return len(dataset), dataset.info
+
+
 def steps_per_epoch(args: argparse.Namespace) -> int:
-    return len(load_dataset(args.data, train=True)) // args.batch_size
+    return training_split(args.data)[0] // args.batch_size
 
 
 def supervised_epoch_flops(args: argparse.Namespace) -> float:
     """The budget unit: one supervised epoch (forward and backward of the classifier)."""
-    info = load_dataset(args.data, train=True).info
+    info = training_split(args.data)[1]
 
     def count() -> float:
         return supervised_step_flops(args.model, info.img_size, info.in_chans, args.batch_size, info.num_classes)
