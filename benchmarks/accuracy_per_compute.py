@@ -15,7 +15,7 @@ Stages, each a command that keeps finished runs (rerun it to continue an interru
     python benchmarks/accuracy_per_compute.py --stage sweep      # per method: lr, then variants, on val
     python benchmarks/accuracy_per_compute.py --stage seeds      # chosen settings, 3 pretraining seeds, test
     python benchmarks/accuracy_per_compute.py --stage curve      # chosen settings, other budgets, test
-    python benchmarks/accuracy_per_compute.py --stage reference  # raw pixels and 100% labels, test
+    python benchmarks/accuracy_per_compute.py --stage reference  # random init, raw pixels, 100% labels, test
     python benchmarks/accuracy_per_compute.py --stage report     # tables, intervals, the curve's PNG
 
 Runs one training at a time. With `--disturbed` the stage's wall times are marked as taken while
@@ -318,9 +318,6 @@ def stage_seeds(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             run = pretrain(args, method, chosen(args, method), args.budget, seed)
             test_scores(args, str(run), run.parent, seed)
-    print(f"{SCRATCH}:", flush=True)
-    for seed in args.seeds:
-        test_scores(args, "none", Path(args.out) / SCRATCH / f"s{seed}", seed)
 
 
 def stage_curve(args: argparse.Namespace) -> None:
@@ -333,7 +330,10 @@ def stage_curve(args: argparse.Namespace) -> None:
 
 
 def stage_reference(args: argparse.Namespace) -> None:
+    """The floor and the ceiling: a random init (every seed), raw pixels, all labels."""
     root = Path(args.out)
+    for seed in args.seeds:
+        test_scores(args, "none", root / SCRATCH / f"s{seed}", seed)
     for protocol in ("knn", "linear"):
         probe(args, "pixels", root / PIXELS / f"test-{protocol}", protocol, "test")
     _, blr = recipe(args, 0.1)

@@ -78,7 +78,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert set(settings) == {"blr0.001", "blr0.001-K2", "blr0.001-mixed"}
     for folder in [*out.glob("recipe/*/"), *out.glob("energy/*/*/val-*/")]:  # every choice: on validation
         assert json.loads((folder / "results.json").read_text())["config"]["eval_split"] == "val", folder
-    for folder in out.glob("energy/*/*/test-*/"):
+    for folder in [*out.glob("energy/*/*/test-*/"), *out.glob("scratch/*/test-*/")]:
         assert json.loads((folder / "results.json").read_text())["config"]["eval_split"] == "test", folder
     unit = accuracy.supervised_epoch_flops(accuracy.parse_args(["--stage", "report", *argv]))
     for budget_file in out.glob("energy/*/*/budget.json"):
