@@ -81,6 +81,23 @@ def test_mae_follows_the_paper_scaled_to_the_encoder():
     assert torch.equal(pos, before) and not torch.equal(qkv, qkv_before)
 
 
+def test_cae_follows_the_reference_scaled_to_the_encoder():
+    """ViT-B gets the reference's regressor and decoder (4 layers each) and masks 75 of 196
+    patches; the mini ViT gets a third of its depth. Positions are fixed 2-D sin-cos; the
+    regressor's context is the visible patches without the class token, then its own queries."""
+    base = method_for("cae", timm.create_model("vit_base_patch16_224"), in_chans=3)
+    assert (len(base.regressor), len(base.decoder) - 1, round(base.mask_ratio * 196)) == (4, 4, 75)
+    cae = method_for("cae", create_backbone("essl_vit_mini_patch7"))
+    assert (len(cae.regressor), len(cae.decoder) - 1) == (1, 1)
+    assert not cae.backbone.pos_embed.requires_grad and not cae.backbone.pos_embed[0, 0].any()
+    seen = []
+    cae.regressor[0].register_forward_hook(lambda m, args, out: seen.append([a.shape for a in args]))
+    cae([torch.randn(2, 1, 28, 28)], torch.Generator().manual_seed(0))
+    masked = round(75 / 196 * 16)  # 16 patches on the mini ViT
+    queries, context, query_pos, context_pos = seen[0]
+    assert queries == query_pos == (2, masked, 128) and context == context_pos == (2, 16, 128)
+
+
 def test_baselines_need_a_vit():
     with pytest.raises(UserError, match="needs a ViT"):
         method_for("mae", create_backbone("essl_resnet_tiny", in_chans=1))
