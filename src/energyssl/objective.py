@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .corruptions import Corruption, build_corruption, uniform
 from .energy import EnergyModel, Restoration
 from .errors import UserError
-from .sorting import PatchSorting, install_sincos, require_vit, sorting_restoration
+from .sorting import PatchSorting, install_sincos, sorting_restoration
+from .vit_tokens import require_vit
 
 SORTING = "sorting"
 
@@ -53,7 +54,7 @@ class PretextObjective(nn.Module):
         self.model, self.corruption, self.sorting, self.sorting_share = model, corruption, sorting, sorting_share
         self.table: Tensor | None = None
         if sorting is not None:
-            vit = require_vit(model.backbone)
+            vit = require_vit(model.backbone, "patch sorting", class_token=False)
             sorting.edge_choices(vit.patch_embed.patch_size[0])  # refuse a kernel it would zero, up front
             self.table = install_sincos(vit, trainable=False)
 

@@ -16,23 +16,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from .corruptions import require, uniform
 from .energy import EnergyModel, Restoration
 from .errors import UserError
-from .vit_tokens import encode, patch_embeddings
+from .vit_tokens import encode, patch_embeddings, require_vit
 
 Generator = torch.Generator | None
-
-
-def require_vit(backbone: nn.Module) -> VisionTransformer:
-    """The backbone as a ViT with an absolute position embedding, or a clear error."""
-    if not isinstance(backbone, VisionTransformer) or backbone.pos_embed is None or backbone.dynamic_img_size:
-        raise UserError(
-            f"patch sorting needs a ViT with a fixed absolute position embedding; {type(backbone).__name__} has none"
-        )
-    return backbone
 
 
 def sincos_table(vit: VisionTransformer) -> Tensor:
@@ -126,7 +117,7 @@ def energy_with_positions(
     model: EnergyModel, images: Tensor, positions: Tensor, kept: Tensor | None = None, edge: Tensor | None = None
 ) -> Tensor:
     """E of ``images`` when patch i carries position embedding ``positions[:, i]`` (B, N, D)."""
-    vit = require_vit(model.backbone)
+    vit = require_vit(model.backbone, "patch sorting", class_token=False)
     tokens = edge_masked_patch_tokens(vit, images, edge) + positions
     if kept is not None:
         tokens = tokens.gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
@@ -155,7 +146,7 @@ def sorting_restoration(
     batch, n = len(images), table.shape[0]
     shuffled = table[sorting.permutation(batch, n, generator, images.device)]
     kept = sorting.kept_tokens(batch, n, generator, images.device) if model.training else None
-    patch = require_vit(model.backbone).patch_embed.patch_size[0]
+    patch = require_vit(model.backbone, "patch sorting", class_token=False).patch_embed.patch_size[0]
     edge = sorting.edge_widths(batch, patch, generator, images.device) if model.training else None
     return restore_positions(model, table, images, shuffled, steps, kept, edge, grad_scale)
 

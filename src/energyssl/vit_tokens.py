@@ -10,7 +10,20 @@ from __future__ import annotations
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
+
+from .errors import UserError
+
+
+def require_vit(backbone: nn.Module, user: str, class_token: bool = True) -> VisionTransformer:
+    """The backbone as a timm ViT with a fixed absolute position embedding (and, where the
+    user's heads read it, one class token and no registers), or one clear error."""
+    vit = backbone
+    if not isinstance(vit, VisionTransformer) or vit.pos_embed is None or vit.dynamic_img_size:
+        raise UserError(f"{user} needs a ViT with a fixed absolute position embedding, not {type(vit).__name__}")
+    if class_token and (vit.cls_token is None or vit.num_prefix_tokens != 1):
+        raise UserError(f"{user} needs a ViT with one class token and no register tokens")
+    return vit
 
 
 def patch_embeddings(vit: VisionTransformer, images: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from ..corruptions import build_corruption
 from ..sorting import PatchSorting, edge_masked_patch_tokens
-from ..vit_tokens import encode, patch_tokens
+from ..vit_tokens import encode, patch_tokens, require_vit
 from .base import BuildContext, Generator, Method, StepOutput
-from .common import LightDecoder, gather, patchify, require_vit
+from .common import LightDecoder, gather, patchify
 
 
 @dataclass

@@ -22,7 +22,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..vit_tokens import encode, patch_positions, patch_tokens
+from ..vit_tokens import encode, patch_positions, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput
 from .common import (
     blockwise_split,
@@ -30,7 +30,6 @@ from .common import (
     gather,
     normalise_patches,
     patchify,
-    require_vit,
     xavier_init,
 )
 

@@ -1,5 +1,5 @@
-"""Pieces the masked-image methods share (MAE, CAE, AE + task, I-JEPA): patches, masks, the
-requirements on the ViT, and a light transformer decoder."""
+"""Pieces the masked-image methods share (MAE, CAE, AE + task, I-JEPA): patches, masks, MAE's
+positions and initialisation, and a light transformer decoder."""
 
 from __future__ import annotations
 
@@ -11,21 +11,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..corruptions import uniform
-from ..errors import UserError
 from ..vit_tokens import patch_positions
 
 Generator = torch.Generator | None
-
-
-def require_vit(backbone: nn.Module, method: str) -> VisionTransformer:
-    """A timm ViT with an absolute position embedding and one class token (the decoders'
-    layout)."""
-    vit = backbone
-    if not isinstance(vit, VisionTransformer) or vit.pos_embed is None or vit.dynamic_img_size:
-        raise UserError(f"{method} needs a ViT with an absolute position embedding, not {type(vit).__name__}")
-    if vit.cls_token is None or vit.num_prefix_tokens != 1:
-        raise UserError(f"{method} needs a ViT with one class token and no register tokens")
-    return vit
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:

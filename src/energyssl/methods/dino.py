@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from ..data import DataInfo
 from ..errors import UserError
-from ..vit_tokens import pooled
+from ..vit_tokens import pooled, require_vit
 from .augment import byol_view
 from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
-from .common import require_vit
 
 
 @dataclass

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torchvision import transforms
 
 from ..data import DataInfo
-from ..vit_tokens import encode, patch_tokens
+from ..vit_tokens import encode, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
-from .common import gather, host_generator, require_vit
+from .common import gather, host_generator
 
 
 @dataclass

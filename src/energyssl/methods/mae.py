@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..vit_tokens import encode, patch_tokens
+from ..vit_tokens import encode, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput
 from .common import (
     LightDecoder,
@@ -21,7 +21,6 @@ from .common import (
     normalise_patches,
     patchify,
     random_split,
-    require_vit,
     xavier_init,
 )
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import DataInfo
-from ..vit_tokens import pooled
+from ..vit_tokens import pooled, require_vit
 from .augment import byol_view
 from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
-from .common import fix_sincos_positions, require_vit
+from .common import fix_sincos_positions
 
 
 @dataclass
