@@ -510,6 +510,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     results = Path(args.results)
     png = results.with_name(results.stem + "_curve.png")
     headline, scores = headline_section(args)
+    differences = differences_section(args, scores)
     stages = Path(args.out) / "stages.json"
     spent = json.loads(stages.read_text()) if stages.exists() else {}
     (ft1_epochs, ft1_blr), (ft10_epochs, ft10_blr) = recipe(args, 0.01), recipe(args, 0.1)
@@ -536,7 +537,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
         "",
         "### Differences, paired by pretraining seed",
         "",
-        *differences_section(args, scores),
+        *differences,
         "",
         f"### Accuracy against pretraining compute (test, seed {args.seeds[0]})",
         "",
@@ -556,6 +557,9 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     ]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text("\n".join(text) + "\n")
+    summary = [*headline, "", "Energy minus each other method, paired by pretraining seed (95% t interval):", "",
+               *differences]  # fmt: skip
+    results.with_name(results.stem + "_summary.md").write_text("\n".join(summary) + "\n")  # the README's block
     print(results.read_text())
 
 

@@ -1,5 +1,6 @@
 """Assemble benchmarks/RESULTS.md from the tables the benchmark scripts wrote in
-benchmarks/results/, each under its heading with the command that regenerates it.
+benchmarks/results/, each under its heading with the command that regenerates it, and fill the
+README's marked blocks from the same tables, so that every number it states is a row here.
 
     python benchmarks/make_results.py
 """
@@ -20,13 +21,28 @@ SECTIONS = [
     ("Fast mode's gradient fidelity", "fast_mode_fidelity.md"),
 ]
 
+# README blocks, between "<!-- NAME: begin -->" and "<!-- NAME: end -->": NAME -> table
+README_BLOCKS = {"protocol": "protocol_summary.md"}
 
-def main() -> None:
+
+def fill_readme(readme: Path, results: Path) -> None:
+    """Replace each marked block of ``readme`` by its table in ``results`` (kept if not run)."""
+    text = readme.read_text()
+    for name, file in README_BLOCKS.items():
+        begin, end, table = f"<!-- {name}: begin -->", f"<!-- {name}: end -->", results / file
+        if table.is_file() and begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = f"{head}{begin}\n{table.read_text()}{end}{rest.split(end, 1)[1]}"
+    readme.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(HERE / "results"), help="folder of the generated tables")
     parser.add_argument("--notes", default=str(HERE / "results" / "notes.md"), help="findings, placed first")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    args = parser.parse_args()
+    parser.add_argument("--readme", default=str(HERE.parent / "README.md"), help="README whose blocks to fill")
+    args = parser.parse_args(argv)
     parts = [
         "# Benchmark results\n",
         "Assembled by `python benchmarks/make_results.py` from the tables in `benchmarks/results/`.\n",
@@ -38,7 +54,8 @@ def main() -> None:
         table = Path(args.results) / name
         parts.append(f"## {heading}\n\n" + (table.read_text() if table.is_file() else "(not run yet)\n"))
     Path(args.out).write_text("\n".join(parts))
-    print(f"wrote {args.out}")
+    fill_readme(Path(args.readme), Path(args.results))
+    print(f"wrote {args.out} and the blocks of {args.readme}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,14 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert "| energy | blr0.001" in report and "| scratch | random init" in report and "| pixels |" in report
     assert "| scratch | fine-tune 1% |" in report and "Ceiling: " in report and "Ceiling: -" not in report
     assert (results.parent / "protocol_curve.png").stat().st_size > 0
+    readme = tmp_path / "README.md"  # the README's block is the report's summary, the rest kept
+    readme.write_text("intro\n<!-- protocol: begin -->\nold\n<!-- protocol: end -->\nrest\n")
+    _load("make_results").main(
+        ["--results", str(results.parent), "--out", str(tmp_path / "R.md"), "--readme", str(readme)]
+    )
+    block = readme.read_text().split("<!-- protocol: begin -->")[1].split("<!-- protocol: end -->")[0]
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- protocol: end -->\nrest\n")
+    assert "| energy | blr0.001" in block and "| scratch | fine-tune 1% |" in block and "old" not in block
     capsys.readouterr()
     accuracy.main(["--stage", "seeds", *argv])  # a finished stage runs nothing again
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")] == []
