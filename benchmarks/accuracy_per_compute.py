@@ -140,7 +140,8 @@ def energyssl(args: argparse.Namespace, command: list[str], folder: Path) -> Non
         code = subprocess.call([sys.executable, "-m", "energyssl", *argv], stdout=f, stderr=subprocess.STDOUT)
     if code != 0:
         sys.exit(f"failed ({code}): energyssl {shlex.join(argv)}\n  see {log}")
-    print(f"  {folder.relative_to(args.out)}: {time.perf_counter() - start:.0f} s", flush=True)
+    name = folder.relative_to(args.out) if folder.is_relative_to(args.out) else folder
+    print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def top1(folder: Path) -> float | None:

@@ -121,8 +121,8 @@ def main() -> None:
     evaluation = protocol.parse_args(["--stage", "report", "--out", str(out), "--data", data])
     lightly_run = train_lightly(ours, out / "lightly-mae")
     rows = []
-    for name, run in (("ours", ours), ("lightly", lightly_run)):
-        folder = out / f"eval-{name}"
+    # our run's own scores on validation, where the protocol put them (kept if already there)
+    for name, run, folder in (("ours", ours, ours.parent), ("lightly", lightly_run, out / "eval-lightly")):
         ft = protocol.finetune(evaluation, str(run), folder / "val-ft0.01-s0", 0.01, "val", 0,
                                *protocol.recipe(evaluation, 0.01))  # fmt: skip
         knn = protocol.probe(evaluation, str(run), folder / "val-knn", "knn", "val")
