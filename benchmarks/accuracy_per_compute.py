@@ -348,13 +348,13 @@ def score(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def mean_sd(values: list[float]) -> str:
-    """'mean ± sd' over pretraining seeds ('-' when none ran)."""
+def mean_sd(values: list[float], seeds: int = 1) -> str:
+    """'mean ± sd' over pretraining seeds ('-' when none ran), marked when fewer than ``seeds``
+    of them have run."""
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    text = f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return text if len(values) >= seeds else f"{text} ({len(values)} of {seeds} seeds)"
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -442,7 +442,7 @@ def headline_section(args: argparse.Namespace) -> tuple[list[str], dict[str, dic
         all_scores[method] = scores
         setting = chosen(args, method) if method != SCRATCH else "random init"
         steps = str(facts[0].get("steps", "-")) if facts else "0"
-        rows.append([method, setting, steps, wall(facts), *(mean_sd(scores[k]) for k in scores)])
+        rows.append([method, setting, steps, wall(facts), *(mean_sd(scores[k], len(args.seeds)) for k in scores)])
     pixels = [top1(Path(args.out) / PIXELS / f"test-{p}") for p in ("knn", "linear")]
     rows.append([PIXELS, "raw pixels, no network", "0", "-", "-", "-", *(mean_sd([v] if v else []) for v in pixels)])
     head = ["method", "setting", "steps", "pretraining min", "fine-tune 1%", "fine-tune 10%", "kNN", "linear"]

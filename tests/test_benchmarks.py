@@ -89,6 +89,8 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert "| energy | blr0.001" in report and "| scratch | random init" in report and "| pixels |" in report
     assert "| scratch | fine-tune 1% |" in report and "Ceiling: " in report and "Ceiling: -" not in report
     assert (results.parent / "protocol_curve.png").stat().st_size > 0
+    assert "seeds)" not in report  # every cell has all its seeds
+    assert accuracy.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and accuracy.mean_sd([85.0]) == "85.00"
     readme = tmp_path / "README.md"  # the README's block is the report's summary, the rest kept
     readme.write_text("intro\n<!-- protocol: begin -->\nold\n<!-- protocol: end -->\nrest\n")
     _load("make_results").main(
