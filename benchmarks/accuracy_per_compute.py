@@ -114,7 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs-1pct", type=int, nargs="+", default=[100, 200, 400], help="fine-tune epochs tried")
     parser.add_argument("--epochs-10pct", type=int, nargs="+", default=[10, 20, 40], help="fine-tune epochs tried")
     parser.add_argument("--finetune-blr", type=float, default=4e-3, help="fine-tune base lr; x0.5 and x2 are tried")
-    parser.add_argument("--ceiling-epochs", type=int, default=10, help="epochs of supervised training on all labels")
+    parser.add_argument(
+        "--ceiling-epochs", type=int, help="epochs of supervised training on all labels (default: the 10%% recipe's)"
+    )
     parser.add_argument("--extra", default="", help="extra `energyssl` flags for every command (e.g. --num-workers)")
     parser.add_argument("--disturbed", action="store_true", help="mark this stage's wall times as disturbed")
     parser.add_argument("--out", default="runs/protocol", help="folder of the runs")
@@ -337,8 +339,18 @@ def stage_reference(args: argparse.Namespace) -> None:
         test_scores(args, "none", root / SCRATCH / f"s{seed}", seed)
     for protocol in ("knn", "linear"):
         probe(args, "pixels", root / PIXELS / f"test-{protocol}", protocol, "test")
-    _, blr = recipe(args, 0.1)
-    finetune(args, "none", root / "ceiling" / "test-ft1-s0", 1.0, "test", 0, args.ceiling_epochs, blr)
+    epochs, blr = ceiling_recipe(args)
+    finetune(args, "none", ceiling_folder(args), 1.0, "test", 0, epochs, blr)
+
+
+def ceiling_recipe(args: argparse.Namespace) -> tuple[int, float]:
+    """The 10% recipe on all labels: the same epochs unless ``--ceiling-epochs`` says otherwise."""
+    epochs, blr = recipe(args, 0.1)
+    return args.ceiling_epochs or epochs, blr
+
+
+def ceiling_folder(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "ceiling" / f"test-ft1-e{ceiling_recipe(args)[0]}-s0"
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -533,8 +545,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
         *headline,
         "",
         f"Ceiling: supervised training from a random init on all training labels (validation split excepted), "
-        f"same recipe at base lr {ft10_blr:g}, {args.ceiling_epochs} epochs: "
-        f"{score(top1(Path(args.out) / 'ceiling' / 'test-ft1-s0'))}.",
+        f"same recipe at base lr {ft10_blr:g}, {ceiling_recipe(args)[0]} epochs: {score(top1(ceiling_folder(args)))}.",
         "",
         "### Differences, paired by pretraining seed",
         "",

@@ -70,7 +70,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     argv = [
         "--data", "embedded", "--model", "essl_vit_micro_patch7", "--batch-size", "32", "--methods", "energy",
         "--budget", "0.1", "--curve", "0.05", "--lrs", "1e-3", "--seeds", "0", "1", "--epochs-1pct", "2",
-        "--epochs-10pct", "1", "--ceiling-epochs", "1", "--out", str(out), "--results", str(results),
+        "--epochs-10pct", "1", "--out", str(out), "--results", str(results),
     ]  # fmt: skip
     for stage in accuracy.STAGES:
         accuracy.main(["--stage", stage, *argv])
@@ -88,6 +88,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     report = results.read_text()
     assert "| energy | blr0.001" in report and "| scratch | random init" in report and "| pixels |" in report
     assert "| scratch | fine-tune 1% |" in report and "Ceiling: " in report and "Ceiling: -" not in report
+    assert (out / "ceiling" / "test-ft1-e1-s0" / "results.json").exists()  # the 10% recipe's epochs
     assert (results.parent / "protocol_curve.png").stat().st_size > 0
     assert "seeds)" not in report  # every cell has all its seeds
     assert accuracy.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and accuracy.mean_sd([85.0]) == "85.00"
