@@ -520,6 +520,8 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
 
 def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     unit = supervised_epoch_flops(args)
+    unswept = [m for m in args.methods if not (Path(args.out) / m / "choice.json").exists()]
+    args.methods = [m for m in args.methods if m not in unswept]  # listed as not finished
     results = Path(args.results)
     png = results.with_name(results.stem + "_curve.png")
     headline, scores = headline_section(args)
@@ -543,6 +545,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
         "### Final numbers (test)",
         "",
         *headline,
+        *(["", f"Not in the tables yet (sweep not finished): {', '.join(unswept)}."] if unswept else []),
         "",
         f"Ceiling: supervised training from a random init on all training labels (validation split excepted), "
         f"same recipe at base lr {ft10_blr:g}, {ceiling_recipe(args)[0]} epochs: {score(top1(ceiling_folder(args)))}.",

@@ -91,6 +91,9 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert (out / "ceiling" / "test-ft1-e1-s0" / "results.json").exists()  # the 10% recipe's epochs
     assert (results.parent / "protocol_curve.png").stat().st_size > 0
     assert "seeds)" not in report  # every cell has all its seeds
+    accuracy.main(["--stage", "report", *argv, "--methods", "energy", "mae"])  # a method not swept yet: listed
+    assert "(sweep not finished): mae." in results.read_text() and "| energy | blr0.001" in results.read_text()
+    accuracy.main(["--stage", "report", *argv])
     assert accuracy.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and accuracy.mean_sd([85.0]) == "85.00"
     readme = tmp_path / "README.md"  # the README's block is the report's summary, the rest kept
     readme.write_text("intro\n<!-- protocol: begin -->\nold\n<!-- protocol: end -->\nrest\n")
