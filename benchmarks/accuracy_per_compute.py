@@ -529,6 +529,12 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     stages = Path(args.out) / "stages.json"
     spent = json.loads(stages.read_text()) if stages.exists() else {}
     (ft1_epochs, ft1_blr), (ft10_epochs, ft10_blr) = recipe(args, 0.01), recipe(args, 0.1)
+    notes = [
+        *(["", f"Not in the tables yet (sweep not finished): {', '.join(unswept)}."] if unswept else []),
+        "",
+        f"Ceiling: supervised training from a random init on all training labels (validation split excepted), "
+        f"same recipe at base lr {ft10_blr:g}, {ceiling_recipe(args)[0]} epochs: {score(top1(ceiling_folder(args)))}.",
+    ]
     text = [
         f"Data `{args.data}`, model `{args.model}`, pretraining batch {args.batch_size}. Budget: {args.budget:g} "
         f"supervised epochs of FLOPs ({args.budget * unit / 1e12:.3g} TFLOPs; one supervised epoch is a forward "
@@ -545,10 +551,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
         "### Final numbers (test)",
         "",
         *headline,
-        *(["", f"Not in the tables yet (sweep not finished): {', '.join(unswept)}."] if unswept else []),
-        "",
-        f"Ceiling: supervised training from a random init on all training labels (validation split excepted), "
-        f"same recipe at base lr {ft10_blr:g}, {ceiling_recipe(args)[0]} epochs: {score(top1(ceiling_folder(args)))}.",
+        *notes,
         "",
         "### Differences, paired by pretraining seed",
         "",
@@ -572,8 +575,8 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     ]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text("\n".join(text) + "\n")
-    summary = [*headline, "", "Energy minus each other method, paired by pretraining seed (95% t interval):", "",
-               *differences]  # fmt: skip
+    pairing = "Energy minus each other method, paired by pretraining seed (95% t interval):"
+    summary = [*headline, *notes, "", pairing, "", *differences]
     results.with_name(results.stem + "_summary.md").write_text("\n".join(summary) + "\n")  # the README's block
     print(results.read_text())
 

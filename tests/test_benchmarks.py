@@ -103,6 +103,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     block = readme.read_text().split("<!-- protocol: begin -->")[1].split("<!-- protocol: end -->")[0]
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- protocol: end -->\nrest\n")
     assert "| energy | blr0.001" in block and "| scratch | fine-tune 1% |" in block and "old" not in block
+    assert "Ceiling: " in block
     capsys.readouterr()
     accuracy.main(["--stage", "seeds", *argv])  # a finished stage runs nothing again
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")] == []
