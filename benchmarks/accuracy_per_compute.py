@@ -510,7 +510,10 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
         if scratch[key]:
             ax.axhline(statistics.mean(scratch[key]), color="grey", linestyle="--", label="random init")
         ax.set(xscale="log", xlabel="pretraining TFLOPs", ylabel="test top-1 (%)", title=name)
-        ax.legend()
+        ticks = sorted({p[0] for series in points.values() for p in series})
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.legend(fontsize="small", framealpha=0.6)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
