@@ -294,11 +294,15 @@ def stage_sweep(args: argparse.Namespace) -> None:
         settings = {lr: lrs[lr]} | {
             f"{lr}-{v}": validation_scores(args, method, f"{lr}-{v}")["finetune"] for v in METHODS[method].variants
         }
-        save_choice(Path(args.out) / method / "choice.json", {"setting": best(settings), "tried": settings})
+        save_choice(choice_file(args, method), {"setting": best(settings), "tried": settings})
+
+
+def choice_file(args: argparse.Namespace, method: str) -> Path:
+    return Path(args.out) / method / "choice.json"
 
 
 def chosen(args: argparse.Namespace, method: str) -> str:
-    return load_choice(Path(args.out) / method / "choice.json", "sweep")["setting"]
+    return load_choice(choice_file(args, method), "sweep")["setting"]
 
 
 # -- final numbers on test ----------------------------------------------------------------------
@@ -340,7 +344,7 @@ def stage_reference(args: argparse.Namespace) -> None:
     for protocol in ("knn", "linear"):
         probe(args, "pixels", root / PIXELS / f"test-{protocol}", protocol, "test")
     epochs, blr = ceiling_recipe(args)
-    finetune(args, "none", ceiling_folder(args), 1.0, "test", 0, epochs, blr)
+    finetune(args, "none", ceiling_folder(args, epochs), 1.0, "test", 0, epochs, blr)
 
 
 def ceiling_recipe(args: argparse.Namespace) -> tuple[int, float]:
@@ -349,8 +353,8 @@ def ceiling_recipe(args: argparse.Namespace) -> tuple[int, float]:
     return args.ceiling_epochs or epochs, blr
 
 
-def ceiling_folder(args: argparse.Namespace) -> Path:
-    return Path(args.out) / "ceiling" / f"test-ft1-e{ceiling_recipe(args)[0]}-s0"
+def ceiling_folder(args: argparse.Namespace, epochs: int) -> Path:
+    return Path(args.out) / "ceiling" / f"test-ft1-e{epochs}-s0"
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -411,7 +415,7 @@ def recipe_section(args: argparse.Namespace) -> list[str]:
 def sweep_section(args: argparse.Namespace) -> list[str]:
     rows = []
     for method in args.methods:
-        choice = load_choice(Path(args.out) / method / "choice.json", "sweep")
+        choice = load_choice(choice_file(args, method), "sweep")
         for folder in sorted((Path(args.out) / method).glob(f"*/b{args.budget:g}-s0")):
             setting, facts = folder.parent.name, run_facts(folder / "pretrain")
             ft, knn = top1(folder / "val-ft0.01-s0"), top1(folder / "val-knn")
@@ -496,6 +500,7 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
     points = curve_points(args)
     scratch = final_scores(args, SCRATCH)[0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ticks = sorted({p[0] for series in points.values() for p in series})
     rows = []
     for method, series in points.items():
         for (tflops, ft, knn), budget in zip(series, sorted({*args.curve, args.budget}), strict=True):
@@ -510,7 +515,6 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
         if scratch[key]:
             ax.axhline(statistics.mean(scratch[key]), color="grey", linestyle="--", label="random init")
         ax.set(xscale="log", xlabel="pretraining TFLOPs", ylabel="test top-1 (%)", title=name)
-        ticks = sorted({p[0] for series in points.values() for p in series})
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
         ax.set_xticks([], minor=True)
         ax.legend(fontsize="small", framealpha=0.6)
@@ -523,8 +527,8 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
 
 def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     unit = supervised_epoch_flops(args)
-    unswept = [m for m in args.methods if not (Path(args.out) / m / "choice.json").exists()]
-    args.methods = [m for m in args.methods if m not in unswept]  # listed as not finished
+    unswept = [m for m in args.methods if not choice_file(args, m).exists()]  # listed as not finished
+    args = argparse.Namespace(**{**vars(args), "methods": [m for m in args.methods if m not in unswept]})
     results = Path(args.results)
     png = results.with_name(results.stem + "_curve.png")
     headline, scores = headline_section(args)
@@ -532,11 +536,13 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
     stages = Path(args.out) / "stages.json"
     spent = json.loads(stages.read_text()) if stages.exists() else {}
     (ft1_epochs, ft1_blr), (ft10_epochs, ft10_blr) = recipe(args, 0.01), recipe(args, 0.1)
+    ceiling_epochs, _ = ceiling_recipe(args)
     notes = [
         *(["", f"Not in the tables yet (sweep not finished): {', '.join(unswept)}."] if unswept else []),
         "",
         f"Ceiling: supervised training from a random init on all training labels (validation split excepted), "
-        f"same recipe at base lr {ft10_blr:g}, {ceiling_recipe(args)[0]} epochs: {score(top1(ceiling_folder(args)))}.",
+        f"same recipe at base lr {ft10_blr:g}, {ceiling_epochs} epochs: "
+        f"{score(top1(ceiling_folder(args, ceiling_epochs)))}.",
     ]
     text = [
         f"Data `{args.data}`, model `{args.model}`, pretraining batch {args.batch_size}. Budget: {args.budget:g} "
