@@ -499,7 +499,7 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
 
     points = curve_points(args)
     scratch = final_scores(args, SCRATCH)[0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ticks = sorted({p[0] for series in points.values() for p in series})
     rows = []
     for method, series in points.items():
@@ -517,8 +517,8 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
         ax.set(xscale="log", xlabel="pretraining TFLOPs", ylabel="test top-1 (%)", title=name)
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
         ax.set_xticks([], minor=True)
-        ax.legend(fontsize="small", framealpha=0.6)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize="small")  # off the lines
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
     plt.close(fig)
