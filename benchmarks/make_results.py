@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 # (heading, table written by a benchmark script, which names the command that regenerates it)
 SECTIONS = [
-    ("Accuracy against pretraining compute: the protocol (in progress)", "protocol.md"),
+    ("Accuracy against pretraining compute: the protocol", "protocol.md"),
     ("Our MAE against a reference implementation (lightly)", "peer_check.md"),
     ("Superseded: accuracy at equal pretraining wall time (chosen on test, one seed)", "accuracy_per_compute.md"),
     ("Superseded: restoration steps K at equal wall time (chosen on test, one seed)", "k_ablation.md"),
