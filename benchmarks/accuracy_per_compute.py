@@ -34,12 +34,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from energyssl.checkpoint import find_checkpoint, load_training_state
 from energyssl.cli import build_parser
 from energyssl.config import PretrainConfig, resolve
 from energyssl.data import DataInfo, load_dataset
 from energyssl.flops import pretrain_step_flops, supervised_step_flops
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # imported when the report draws, not at start-up
 
 
 @dataclass(frozen=True)
@@ -476,8 +480,11 @@ def differences_section(args: argparse.Namespace, scores: dict[str, dict[str, li
     return table(["energy minus", "metric", "mean difference", "95% interval", "verdict"], rows)
 
 
-def curve_points(args: argparse.Namespace) -> dict[str, list[tuple[float, float | None, float | None]]]:
-    """(pretraining TFLOPs, fine-tune 1%, kNN) per method and budget, seed 0, on test."""
+CurvePoint = tuple[float, float, float | None, float | None]  # budget, TFLOPs, fine-tune 1%, kNN
+
+
+def curve_points(args: argparse.Namespace) -> dict[str, list[CurvePoint]]:
+    """Each method's points at every budget, seed 0, on test (None where a run has not finished)."""
     unit = supervised_epoch_flops(args)
     points = {}
     for method in args.methods:
@@ -486,42 +493,46 @@ def curve_points(args: argparse.Namespace) -> dict[str, list[tuple[float, float 
         for budget in sorted({*args.curve, args.budget}):
             folder = Path(args.out) / method / setting / f"b{budget:g}-s{args.seeds[0]}"
             ft = top1(folder / f"test-ft0.01-s{args.seeds[0]}")
-            rows.append((budget * unit / 1e12, ft, top1(folder / "test-knn")))
+            rows.append((budget, budget * unit / 1e12, ft, top1(folder / "test-knn")))
         points[method] = rows
     return points
 
 
-def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
-    import matplotlib
+def curve_figure(points: dict[str, list[CurvePoint]], random_init: dict[str, float]) -> Figure:
+    """Fine-tune 1% and kNN against TFLOPs, ticked at the budgets. A method keeps its colour in
+    both panels, and one legend sits beside them: with six methods a legend inside hid points."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = curve_points(args)
-    scratch = final_scores(args, SCRATCH)[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ticks = sorted({p[0] for series in points.values() for p in series})
-    rows = []
-    for method, series in points.items():
-        for (tflops, ft, knn), budget in zip(series, sorted({*args.curve, args.budget}), strict=True):
-            rows.append(
-                [method, f"{budget:g}", f"{tflops:.1f}", f"{ft:.2f}" if ft else "-", f"{knn:.2f}" if knn else "-"]
-            )
-        for ax, index in zip(axes, (1, 2), strict=True):
-            done = [(p[0], p[index]) for p in series if p[index] is not None]
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    ticks = sorted({p[1] for series in points.values() for p in series})
+    for ax, index, key, name in zip(axes, (2, 3), ("ft0.01", "knn"), ("fine-tune, 1% labels", "kNN"), strict=True):
+        for colour, (method, series) in enumerate(points.items()):
+            done = [(p[1], p[index]) for p in series if p[index] is not None]
             if done:
-                ax.plot(*zip(*done, strict=True), marker="o", label=method)
-    for ax, key, name in zip(axes, ("ft0.01", "knn"), ("fine-tune, 1% labels", "kNN"), strict=True):
-        if scratch[key]:
-            ax.axhline(statistics.mean(scratch[key]), color="grey", linestyle="--", label="random init")
+                ax.plot(*zip(*done, strict=True), marker="o", color=f"C{colour}", label=method)
+        if key in random_init:
+            ax.axhline(random_init[key], color="grey", linestyle="--", label="random init")
         ax.set(xscale="log", xlabel="pretraining TFLOPs", ylabel="test top-1 (%)", title=name)
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
         ax.set_xticks([], minor=True)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize="small")  # off the lines
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(legend.values(), legend.keys(), loc="center right", fontsize="small")
     fig.tight_layout(rect=(0, 0, 0.88, 1))
+    return fig
+
+
+def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
+    points = curve_points(args)
+    rows = [
+        [method, f"{budget:g}", f"{tflops:.1f}", f"{ft:.2f}" if ft else "-", f"{knn:.2f}" if knn else "-"]
+        for method, series in points.items()
+        for budget, tflops, ft, knn in series
+    ]
+    scratch = final_scores(args, SCRATCH)[0]
+    fig = curve_figure(points, {key: statistics.mean(scores) for key, scores in scratch.items() if scores})
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
-    plt.close(fig)
     return table(["method", "budget (supervised epochs)", "TFLOPs", "fine-tune 1%", "kNN"], rows)
 
 

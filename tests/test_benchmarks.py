@@ -60,6 +60,23 @@ class InProcess:
             return main(command[3:])  # drop "python -m energyssl"
 
 
+def test_curve_figure_has_one_legend_beside_the_panels_and_ticks_at_the_budgets():
+    """A method with points in one panel only is still in the legend, in the same colour in both
+    panels; neither panel carries a legend of its own (it hid points)."""
+    points = {
+        "dino": [(0.5, 2.4, None, 65.0), (2.0, 9.7, None, None)],  # its fine-tunes still running
+        "energy": [(0.5, 2.4, 75.0, 61.0), (2.0, 9.7, 77.0, 68.0)],
+    }
+    fig = accuracy.curve_figure(points, {"ft0.01": 76.7})
+    finetune, knn = fig.axes
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["energy", "random init", "dino"]
+    assert finetune.get_legend() is None and knn.get_legend() is None
+    assert [line.get_label() for line in finetune.lines] == ["energy", "random init"]
+    assert [line.get_label() for line in knn.lines] == ["dino", "energy"]  # no random-init score for kNN
+    assert finetune.lines[0].get_color() == knn.lines[1].get_color() != knn.lines[0].get_color()
+    assert list(knn.get_xticks()) == [2.4, 9.7] and [t.get_text() for t in knn.get_xticklabels()] == ["2.4", "9.7"]
+
+
 def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     """Every stage on a tiny budget: choices are made on validation only, pretraining runs the
     steps its FLOP budget buys, and the report has its tables, intervals and curve."""
