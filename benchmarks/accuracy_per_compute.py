@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from energyssl.checkpoint import find_checkpoint, load_training_state
-from energyssl.cli import build_parser
-from energyssl.config import PretrainConfig, resolve
+from energyssl.cli import parse_config
+from energyssl.config import PretrainConfig
 from energyssl.data import DataInfo, load_dataset
 from energyssl.flops import pretrain_step_flops, supervised_step_flops
 
@@ -179,7 +179,7 @@ def model_flag(args: argparse.Namespace, init: str) -> list[str]:
 
 
 def pretrain_config(argv: list[str]) -> PretrainConfig:
-    return resolve(build_parser().parse_args(["pretrain", *argv]), PretrainConfig)
+    return parse_config("pretrain", argv)
 
 
 def cached(root: Path, key: str, compute) -> float:  # noqa: ANN001

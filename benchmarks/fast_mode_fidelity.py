@@ -16,19 +16,20 @@ from unittest import mock
 
 import torch
 
-import energyssl.energy as energy_module
+import energyssl.methods.energy.model as energy_module
 from energyssl import EnergyModel, create_backbone
-from energyssl.analysis import load_energy_model
 from energyssl.data import eval_transform, load_dataset
-from energyssl.objective import build_objective, freeze_unreached_parameters
+from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.energy import EnergyMethod
+from energyssl.methods.energy.commands import load_energy_model
 
 
-def parameter_gradient(objective: torch.nn.Module, images: torch.Tensor, steps: int) -> torch.Tensor:
+def parameter_gradient(objective: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Every parameter's gradient (alpha excluded), flattened; BatchNorm statistics are put back
     afterwards so that both modes see the same network."""
     buffers = {name: b.clone() for name, b in objective.named_buffers()}
     objective.zero_grad(set_to_none=True)
-    objective(images, torch.Generator().manual_seed(0), steps=steps).loss.backward()
+    objective([images], torch.Generator().manual_seed(0)).loss.backward()
     objective.load_state_dict(buffers, strict=False)
     return torch.cat([p.grad.flatten() for p in objective.parameters() if p.grad is not None and p.ndim > 0])
 
@@ -41,14 +42,14 @@ def compare(model_name: str, images: torch.Tensor, task: str, steps: int, fd_ste
     else:
         model = EnergyModel(create_backbone(model_name, img_size=28, in_chans=1), head_init_std=10.0)
     model.grad_mode = "exact"
-    objective = build_objective(model, task, {}, 1, (0.286,), (0.353,))
-    freeze_unreached_parameters(objective, images[:4])
-    exact = parameter_gradient(objective, images, steps)
+    objective = EnergyMethod.around(model, task, steps=steps, mean=(0.286,), std=(0.353,))
+    freeze_unreached_parameters(objective, [images[:4]])
+    exact = parameter_gradient(objective, images)
     model.grad_mode = "fast"
     rows = []
     for fd_step in fd_steps:
         with mock.patch.object(energy_module, "FD_STEP", fd_step):
-            fast = parameter_gradient(objective, images, steps)
+            fast = parameter_gradient(objective, images)
         rows.append(
             {
                 "model": model_name,

@@ -38,18 +38,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import energyssl.energy as energy_module
+import energyssl.methods.energy.model as energy_module
 from energyssl import EnergyModel, create_backbone
 from energyssl.cli import main as cli
-from energyssl.config import PretrainConfig
-from energyssl.corruptions import TASKS, build_corruption
 from energyssl.data import load_dataset
 from energyssl.distributed import World
 from energyssl.engine import train_step
 from energyssl.flops import count_flops
 from energyssl.methods import method_for
+from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.energy import EnergyMethod, EnergyOptions
+from energyssl.methods.energy.corruptions import TASKS, build_corruption
 from energyssl.metrics import read_metrics
-from energyssl.objective import build_objective, freeze_unreached_parameters
 from energyssl.precision import Precision
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -149,8 +149,10 @@ def method_step(method: str, scale: Scale, precision: Precision) -> tuple[Callab
         return supervised, model
     if method.startswith("energy"):
         _, k, grad_mode = method.split()
-        model = method_for("energy", backbone, 3, MEAN, STD, precision.input_scale, task="mixed", steps=int(k[2:]),
-                           grad_mode=grad_mode).to(device)  # fmt: skip
+        model = method_for("energy", backbone, 3, MEAN, STD, task="mixed", steps=int(k[2:]), grad_mode=grad_mode)
+        amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
+        model.configure_precision(amp, device, {})  # fp16: dE/dx gets its own scale
+        model = model.to(device)
         freeze_unreached_parameters(model, [images[:2]])
     else:
         model = method_for(method, backbone, 3, MEAN, STD).to(device)
@@ -217,7 +219,7 @@ def predicted_hours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def parameter_gradient(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    model(images, torch.Generator(device=images.device).manual_seed(0), steps=1).loss.backward()
+    model([images], torch.Generator(device=images.device).manual_seed(0)).loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None and p.ndim > 0]).double()
 
 
@@ -228,9 +230,9 @@ def fidelity(scale: Scale) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     images = torch.randn(scale.fidelity_batch, 3, scale.img_size, scale.img_size, device=device)
     backbone = create_backbone(scale.fidelity_model, img_size=scale.img_size, in_chans=3)
-    energy = EnergyModel(backbone, head_init_std=PretrainConfig.head_init_std, grad_mode="exact").to(device)
-    model = build_objective(energy, "masking", {}, 3, MEAN, STD)
-    freeze_unreached_parameters(model, images[:2])
+    energy = EnergyModel(backbone, head_init_std=EnergyOptions.head_init_std, grad_mode="exact").to(device)
+    model = EnergyMethod.around(energy, "masking", steps=1, in_chans=3, mean=MEAN, std=STD)
+    freeze_unreached_parameters(model, [images[:2]])
     rows = []
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32

@@ -27,9 +27,9 @@ from energyssl.checkpoint import find_checkpoint, load_training_state
 from energyssl.config import PretrainConfig
 from energyssl.data import load_dataset
 from energyssl.distributed import World, seed_everything
-from energyssl.engine import cosine_lr
 from energyssl.models import backbone_kwargs, create_backbone
 from energyssl.pretrain import schedule_steps, training_data
+from energyssl.schedules import warmup_cosine
 
 sys.path.insert(0, str(Path(__file__).parent))
 import accuracy_per_compute as protocol  # noqa: E402
@@ -69,7 +69,8 @@ def train_lightly(ours: Path, out: Path) -> Path:
     exported as ours are."""
     if (out / ckpt.BACKBONE).exists():
         return out
-    cfg = PretrainConfig(**{k: v for k, v in yaml.safe_load((ours / "config.yaml").read_text()).items()})
+    known = PretrainConfig.__dataclass_fields__  # an older run's config.yaml also has the energy method's flags
+    cfg = PretrainConfig(**{k: v for k, v in yaml.safe_load((ours / "config.yaml").read_text()).items() if k in known})
     steps = load_training_state(find_checkpoint(ours))["step"]
     seed_everything(cfg.seed)
     dataset = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
@@ -87,7 +88,7 @@ def train_lightly(ours: Path, out: Path) -> Path:
             if step >= steps:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, base_lr, cfg.min_lr, warmup, total)
+                group["lr"] = warmup_cosine(step, base_lr, cfg.min_lr, warmup, total)
             loss = model(views[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from energyssl import create_backbone
 from energyssl.flops import count_flops
-from energyssl.methods import method_for
-from energyssl.objective import freeze_unreached_parameters
+from energyssl.methods import method_class, method_for
+from energyssl.methods.base import freeze_unreached_parameters
 
 MEAN, STD = (0.286,), (0.353,)
 METHODS = (
@@ -59,10 +59,12 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
         labels = torch.randint(0, 10, (batch,), device=device)
         module, loss_fn = backbone, lambda: F.cross_entropy(backbone(images), labels)
     else:
-        options = {"task": task}
+        options = {}
         if method.startswith("energy"):
             _, k, grad_mode = method.split()
             method, options = "energy", {**options, "steps": int(k[2:]), "grad_mode": grad_mode}
+        if "task" in method_class(method).Options.__dataclass_fields__:  # the methods with a pretext task
+            options["task"] = task
         module = method_for(method, backbone, 1, MEAN, STD, **options).to(device)
         views = VIEWS[method](images) if method in VIEWS else [images]
         freeze_unreached_parameters(module, [v[:4] for v in views])

@@ -6,20 +6,21 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import tiny_vit
-from energyssl.objective import build_objective, freeze_unreached_parameters
+from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.energy import EnergyMethod
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 for grad_mode in ("exact", "fast"):
     model = tiny_vit()
     model.grad_mode = grad_mode
-    objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
-    freeze_unreached_parameters(objective, torch.randn(2, 1, 14, 14))
+    objective = EnergyMethod.around(model, "grid_mask")
+    freeze_unreached_parameters(objective, [torch.randn(2, 1, 14, 14)])
     ddp = nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(100 + rank)  # different data per rank
     for _ in range(3):
-        loss = ddp(torch.randn(4, 1, 14, 14), torch.Generator().manual_seed(rank)).loss
+        loss = ddp([torch.randn(4, 1, 14, 14)], torch.Generator().manual_seed(rank)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

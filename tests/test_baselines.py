@@ -44,9 +44,9 @@ def test_patchify_round_trips_patch_order():
     assert patches[0, 1].tolist() == [2.0, 3.0, 6.0, 7.0]
 
 
-@pytest.mark.parametrize("method,task", [("mae", "mixed"), ("ae", "grid_mask"), ("ae", "sorting"), ("cae", "mixed")])
+@pytest.mark.parametrize("method,task", [("mae", None), ("ae", "grid_mask"), ("ae", "sorting"), ("cae", None)])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(method, task):
-    model = method_for(method, vit(), mean=(0.3,), std=(0.35,), task=task)
+    model = method_for(method, vit(), mean=(0.3,), std=(0.35,), **({} if task is None else {"task": task}))
     images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []

@@ -159,3 +159,13 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path):
     assert all(r["exit"] == 0 and r["finite"] for r in results["pretraining"])
     assert all(r["exit"] == 0 for r in results["evaluation"]) and len(results["evaluation"]) == 5
     assert "## Step cost" in (out / "gpu_check.md").read_text()
+
+
+def test_budgets_count_the_flops_of_the_flags_given():
+    """A run's FLOPs per step follow its method flags (K=2 costs twice K=1): the budget of each
+    setting buys the steps of that setting, not of the defaults."""
+    from energyssl.flops import pretrain_step_flops
+
+    base = ["--model", "essl_vit_micro_patch7", "--batch-size", "8", "--task", "grid_mask", "--grad-mode", "exact"]
+    one, two = (pretrain_step_flops(accuracy.pretrain_config([*base, "--steps", k])) for k in ("1", "2"))
+    assert 1.8 < two / one < 2.2

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from energyssl.corruptions import (
+from energyssl.errors import UserError
+from energyssl.methods.energy.corruptions import (
     BlockMask,
     Colorize,
     Denoise,
@@ -13,7 +14,6 @@ from energyssl.corruptions import (
     build_corruption,
     task_corruptions,
 )
-from energyssl.errors import UserError
 
 
 def images(chans=1, batch=16, size=28, seed=0):

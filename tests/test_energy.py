@@ -5,8 +5,9 @@ import torch
 
 from conftest import tiny_vit
 from energyssl import EnergyModel, create_backbone
-from energyssl.corruptions import build_corruption
-from energyssl.objective import build_objective, freeze_unreached_parameters
+from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.energy import EnergyMethod
+from energyssl.methods.energy.corruptions import build_corruption
 
 
 def _batch(dtype=torch.float64):
@@ -108,8 +109,8 @@ def test_batchnorm_energy_is_per_image():
 
 def test_unreached_parameters_are_frozen():
     model = tiny_vit()
-    objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
-    dead = freeze_unreached_parameters(objective, torch.randn(2, 1, 14, 14))
+    method = EnergyMethod.around(model, "grid_mask")
+    dead = freeze_unreached_parameters(method, [torch.randn(2, 1, 14, 14)])
     assert dead == ["model.backbone.norm.bias"]
     assert not model.backbone.norm.bias.requires_grad and model.backbone.norm.weight.requires_grad
 

@@ -6,15 +6,16 @@ import torch
 
 from conftest import tiny_vit
 from energyssl import EnergyModel, create_backbone
-from energyssl.energy import non_smooth_layers
-from energyssl.objective import build_objective, freeze_unreached_parameters
+from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.energy import EnergyMethod
+from energyssl.methods.energy.model import non_smooth_layers
 
 
 def _gradients(objective, images, seed=0):
     """Flat parameter gradient (alpha apart) and alpha's gradient, from one loss backward."""
     objective.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # dropout masks, if any
-    out = objective(images, torch.Generator().manual_seed(1), steps=2)
+    out = objective([images], torch.Generator().manual_seed(1))
     out.loss.backward()
     model = objective.model
     flat = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None and n != "log_alpha"])
@@ -22,9 +23,9 @@ def _gradients(objective, images, seed=0):
 
 
 def _exact_and_fast(model, task):
-    objective = build_objective(model, task, {}, 1, (0.5,), (0.5,))
+    objective = EnergyMethod.around(model, task, steps=2)
     images = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(2))
-    freeze_unreached_parameters(objective, images[:2])
+    freeze_unreached_parameters(objective, [images[:2]])
     exact = _gradients(objective, images)
     model.grad_mode = "fast"
     return exact, _gradients(objective, images)

@@ -52,3 +52,23 @@ def test_five_steps_then_fine_tune_and_probe(tmp_path):
     assert main([*ft, "--out", str(tmp_path / "ft")]) == 0
     assert main(["probe", "--init", str(run), "--protocol", "knn", "--out", str(tmp_path / "knn")]) == 0
     assert main([*args, "--task", "denoise", "--max-steps", "1", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_the_momentum_follows_the_learning_rates_clock(tmp_path):
+    """One clock: with --max-steps far below the schedule's length the momentum is still near
+    its start (it used to reach 1 at --max-steps while the lr was still warming up), and a
+    resumed run continues it; both are logged."""
+    from energyssl.metrics import read_metrics
+    from energyssl.schedules import cosine
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--method", "mocov3", "--model", "essl_vit_micro_patch7", "--batch-size", "16"]
+    args += ["--epochs", "10", "--log-every", "1", "--no-tensorboard", "--out", str(run)]
+    assert main([*args, "--max-steps", "3"]) == 0
+    assert main([*args, "--max-steps", "5", "--resume"]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    total = 10 * (4000 // 16)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for r in records:
+        assert r["momentum"] == pytest.approx(cosine(0.99, 1.0, r["step"] / total))
+    assert records[2]["momentum"] < 0.9901 and records[2]["lr"] < 1e-4  # both at the schedule's start

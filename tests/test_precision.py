@@ -11,9 +11,11 @@ from conftest import tiny_vit
 from energyssl.cli import main
 from energyssl.distributed import World
 from energyssl.engine import train_step
+from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.energy import EnergyMethod
+from energyssl.methods.energy.precision import InputGradScale, choose_precision
 from energyssl.metrics import read_metrics
-from energyssl.objective import build_objective, freeze_unreached_parameters
-from energyssl.precision import InputGradScale, Precision, choose_precision
+from energyssl.precision import Precision
 
 TINY = ["--model", "essl_vit_micro_patch7", "--batch-size", "32", "--no-tensorboard", "--device", "cpu"]
 
@@ -32,26 +34,22 @@ def test_half_precision_pretraining_is_finite_and_learns(tmp_path, amp):
 
 
 def _fp16_step(scale: float):
-    from energyssl.methods.energy import EnergyMethod
-    from energyssl.objective import objective_parts
-
     model = tiny_vit()
-    precision = Precision.build(torch.float16, torch.device("cpu"), energy=True)
-    parts = objective_parts("grid_mask", {}, 1, (0.5,), (0.5,))
-    method = EnergyMethod(model, *parts, steps=1, input_scale=precision.input_scale)
+    method = EnergyMethod.around(model, "grid_mask", steps=1)
+    precision = Precision.build(method.configure_precision("fp16", torch.device("cpu"), {}).dtype, torch.device("cpu"))
     images = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(0))
     freeze_unreached_parameters(method, [images[:2]])
-    precision.input_scale.scale = scale
+    method.input_scale.scale = scale
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
     before = model.head.weight.detach().clone()
     out = train_step(method, [images], torch.Generator().manual_seed(1), optimizer, precision, None, World(), 0)
-    return out, precision, not torch.equal(before, model.head.weight)
+    return out, method, not torch.equal(before, model.head.weight)
 
 
 def test_fp16_overflow_of_the_input_gradient_skips_the_step_and_halves_its_scale():
-    out, precision, changed = _fp16_step(2.0**20)  # 2**20 is beyond fp16's largest number
-    assert out is None and not changed and precision.input_scale.scale == 2.0**19
-    out, precision, changed = _fp16_step(2.0**4)
+    out, method, changed = _fp16_step(2.0**20)  # 2**20 is beyond fp16's largest number
+    assert out is None and not changed and method.input_scale.scale == 2.0**19
+    out, method, changed = _fp16_step(2.0**4)
     assert out is not None and torch.isfinite(out.loss) and changed
 
 
@@ -94,7 +92,7 @@ def test_fast_mode_runs_its_passes_in_true_float32():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        model.restoration(images * 0, lambda x: (x - images).pow(2).mean(), steps=2, energy_fn=recording)
+        model.restoration_loss(images * 0, lambda x: (x - images).pow(2).mean(), steps=2, energy_fn=recording)
         assert seen and all(flags == (False, False) for flags in seen)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
@@ -120,10 +118,11 @@ def test_pretrain_says_which_precision_it_chose_and_why(tmp_path, capsys):
 
 def test_alpha_is_calibrated_so_the_first_step_covers_half_the_corruption():
     model = tiny_vit()
-    objective = build_objective(model, "grid_mask", {}, 1, (0.5,), (0.5,))
+    method = EnergyMethod.around(model, "grid_mask")
     images = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(0))
-    alpha = objective.calibrate_alpha(images)
-    corrupted = objective.corruption(images, torch.Generator().manual_seed(0))
+    assert method.prepare([images])[0].startswith("alpha starts at")
+    alpha = model.alpha.item()
+    corrupted = method.task.corruption(images, torch.Generator().manual_seed(0))
     step = alpha * model.energy_grad(corrupted)
     rms = lambda x: x.pow(2).mean().sqrt().item()  # noqa: E731
     assert alpha == pytest.approx(model.alpha.item()) and alpha != pytest.approx(1.0, rel=0.05)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from energyssl.checkpoint import BACKBONE, find_checkpoint, load_training_state, read_metadata
 from energyssl.cli import main
-from energyssl.engine import cosine_lr
 from energyssl.metrics import read_metrics
+from energyssl.schedules import warmup_cosine as cosine_lr
 
 TINY = ["--model", "essl_vit_micro_patch7", "--batch-size", "16", "--no-tensorboard", "--log-every", "1"]
 
@@ -70,7 +70,7 @@ def test_short_pretraining_restores_better_than_the_corruption(tmp_path, grad_mo
         (["--amp", "fp8"], "amp must be one of"),
         (["--grad-mode", "fast", "--amp", "bf16"], "fast needs float32"),
         (["--grad-mode", "fast", "--model", "essl_resnet_tiny"], "has MaxPool2d, ReLU"),
-        (["--grad-mode", "fast", "--method", "mae"], "energy method only"),
+        (["--grad-mode", "fast", "--method", "mae"], "--grad-mode does not apply to mae"),
         (["--time-budget", "0"], "time_budget must be > 0"),
         (["--img-size", "30"], "image size 30 is not a multiple of essl_vit_micro_patch7's patch size 7: use"),
         (["--img-size", "30", "--method", "mae"], "--patch-size 6 or --img-size 28"),
@@ -80,8 +80,8 @@ def test_short_pretraining_restores_better_than_the_corruption(tmp_path, grad_mo
         (["--set", "crop_scale=0.5"], "config key 'crop_scale' must be a list, got 0.5"),
         (["--blr", "-1"], "blr must be > 0, got -1.0"),
         (["--img-size", "5"], "img_size must be >= 8, got 5"),
-        (["--method-options", "{mask_ratio: 0.5}"], "--method-options apply to the other methods"),
-        (["--method", "mae", "--task", "denoise"], "do not apply to mae"),
+        (["--method-options", "{mask_ratio: 0.5}"], "unknown option(s) for energy: mask_ratio"),
+        (["--method", "mae", "--task", "denoise"], "--task does not apply to mae"),
         (["--set", "corruption.denoise.gamma=[0.2, 0.8]"], "parameters for denoise do not apply to task masking"),
         (["--task", "grid_mask", "--set", "corruption.mixed.weights=[1, 2]"], "for mixed do not apply"),
     ],
@@ -265,17 +265,20 @@ def test_loader_workers_default_to_the_cpus_on_a_gpu_only():
 def test_paper_configs_are_valid_and_run(tmp_path, size):
     """The paper's recipes parse and validate; the pretraining one runs a step on small stand-ins."""
     from energyssl.config import FinetuneConfig, PretrainConfig, add_arguments, resolve
+    from energyssl.methods import method_flags
     from energyssl.pretrain import validate
 
     configs = Path(__file__).parent.parent / "configs"
     for kind, cls in (("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
         parser = argparse.ArgumentParser()
-        add_arguments(parser, cls)
-        cfg = resolve(parser.parse_args(["--config", str(configs / f"vit_{size}_patch16_{kind}.yaml")]), cls)
+        flags = method_flags() if kind == "pretrain" else []
+        add_arguments(parser, cls, flags)
+        cfg = resolve(parser.parse_args(["--config", str(configs / f"vit_{size}_patch16_{kind}.yaml")]), cls, flags)
         assert cfg.img_size == 224 and cfg.weight_decay == 0.05
         if kind == "pretrain":
             validate(cfg)
-            assert (cfg.task, cfg.steps, cfg.blr, cfg.amp) == ("mixed", 2, 1e-4, "bf16")
+            options = cfg.method_options
+            assert (options["task"], options["steps"], cfg.blr, cfg.amp) == ("mixed", 2, 1e-4, "bf16")
     args = ["pretrain", "--config", str(configs / f"vit_{size}_patch16_pretrain.yaml"), "--data", "embedded"]
     args += ["--model", "essl_vit_micro_patch7", "--img-size", "28", "--amp", "none", "--batch-size", "8"]
     assert main([*args, "--max-steps", "1", "--no-tensorboard", "--out", str(tmp_path / "run")]) == 0

@@ -11,16 +11,22 @@ from energyssl import EnergyModel, create_backbone
 from energyssl.cli import main
 from energyssl.errors import UserError
 from energyssl.evaluation.backbone import build_classifier
-from energyssl.objective import build_objective, split_sorting
-from energyssl.sorting import (
+from energyssl.methods.energy.sorting import (
     PatchSorting,
     edge_masked_kernel,
     energy_with_positions,
-    install_sincos,
-    restore_positions,
-    sincos_table,
+    sort_positions,
     sorting_accuracy,
 )
+from energyssl.methods.energy.tasks import build_task, split_sorting
+from energyssl.vit_tokens import install_sincos_positions
+
+
+def sincos_table(vit):
+    """The 2-D sin-cos positions of ``vit``'s patches, (N, D), as timm builds them."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    return build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), dim=vit.embed_dim, temperature=10000.0)
 
 
 def test_shuffles_are_permutations_and_partial_shuffles_move_a_share():
@@ -41,7 +47,7 @@ def test_edge_mask_zeroes_the_border_of_each_patch_kernel_in_the_forward_pass():
         assert masked[..., width:-width, width:-width].eq(1).all()
     model = tiny_vit()
     vit = model.backbone
-    table = install_sincos(vit, trainable=False)
+    table = install_sincos_positions(vit, trainable=False)
     images = torch.randn(2, 1, 14, 14)
     border = images.clone()
     border[..., 0, :] += 5.0  # change only pixels on the outer row of the top patches
@@ -76,12 +82,12 @@ def test_token_drop_keeps_half_the_patches():
 
 def test_embedding_restoration_gradient_matches_finite_differences():
     model = tiny_vit(torch.float64)
-    table = install_sincos(model.backbone, trainable=False).double()
+    table = install_sincos_positions(model.backbone, trainable=False).double()
     images = torch.randn(2, 1, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     shuffled = table[torch.tensor([[1, 0, 3, 2], [3, 2, 1, 0]])]
     param = model.backbone.blocks[0].attn.qkv.weight
     model.zero_grad()
-    restore_positions(model, table, images, shuffled, steps=1).loss.backward()
+    sort_positions(model, table, images, shuffled, steps=1).loss.backward()
     assert param.grad.abs().max() > 0
     assert model.backbone.patch_embed.proj.weight.grad.abs().max() > 0
     largest = param.grad.abs().flatten().topk(3).indices  # entries well above finite-difference noise
@@ -89,9 +95,9 @@ def test_embedding_restoration_gradient_matches_finite_differences():
         with torch.no_grad():
             original = param[index].item()
             param[index] = original + 1e-6
-            plus = restore_positions(model, table, images, shuffled, steps=1).loss.item()
+            plus = sort_positions(model, table, images, shuffled, steps=1).loss.item()
             param[index] = original - 1e-6
-            minus = restore_positions(model, table, images, shuffled, steps=1).loss.item()
+            minus = sort_positions(model, table, images, shuffled, steps=1).loss.item()
             param[index] = original
         numeric = (plus - minus) / 2e-6
         assert abs(param.grad[index].item() - numeric) / max(abs(numeric), 1e-8) < 1e-4
@@ -107,7 +113,7 @@ def test_accuracy_counts_nearest_embeddings():
 def test_sorting_needs_a_vit_with_position_embedding():
     model = EnergyModel(create_backbone("essl_resnet_tiny", in_chans=1))
     with pytest.raises(UserError, match="needs a ViT"):
-        build_objective(model, "sorting", {}, 1, (0.5,), (0.5,))
+        build_task("sorting", {}, model.backbone, 1, (0.5,), (0.5,))
 
 
 def test_sorting_joins_mixed_with_its_weight():

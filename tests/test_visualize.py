@@ -9,7 +9,7 @@ from PIL import Image
 
 from energyssl.checkpoint import find_checkpoint
 from energyssl.cli import main
-from energyssl.visualize import auroc, psnr
+from energyssl.methods.energy.figures import auroc, psnr
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,9 @@ def test_restore_takes_a_checkpoint_file_as_init(trained, tmp_path):
 
 
 def test_restore_and_energy_corrupt_with_the_runs_own_parameters(tmp_path):
-    from energyssl.analysis import load_energy_model, pixel_corruption
+    from energyssl.methods.energy.commands import corruption_for, load_energy_model
 
     out = tmp_path / "run"
     args = ["pretrain", "--model", "essl_vit_micro_patch7", "--task", "grid_mask", "--max-steps", "1"]
     assert main([*args, "--set", "corruption.grid_mask.ratio=0.2", "--no-tensorboard", "--out", str(out)]) == 0
-    assert pixel_corruption("grid_mask", load_energy_model(str(out))).ratio == 0.2
+    assert corruption_for("grid_mask", load_energy_model(str(out))).ratio == 0.2

@@ -35,20 +35,21 @@ def _probe(cfg: Any) -> None:
 def _analysis(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import analysis
+    from .methods.energy import commands
+    from .visualize import plot
 
     for name in ("count", "steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
     if args.command == "restore":
-        analysis.restore(
+        commands.restore(
             args.init, args.task, Path(args.out), args.images, args.data, args.count, args.steps, args.seed
         )
     elif args.command == "energy":
-        analysis.energy_scores(args.init, args.data, Path(args.out), args.compare, args.task, args.count, args.seed)
+        commands.energy_scores(args.init, args.data, Path(args.out), args.compare, args.task, args.count, args.seed)
     else:
-        analysis.plot(args.runs, Path(args.out))
+        plot(args.runs, Path(args.out))
 
 
 def _config_commands() -> dict[str, tuple[type, Callable[[Any], None], str, str]]:
@@ -80,6 +81,15 @@ def _config_commands() -> dict[str, tuple[type, Callable[[Any], None], str, str]
     }
 
 
+def _flags(command: str) -> list:
+    """The methods' options that ``pretrain`` takes as flags (``--task``, ``--steps``, ...)."""
+    if command != "pretrain":
+        return []
+    from .methods import method_flags
+
+    return method_flags()
+
+
 def _add_energy_model_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     """The options of the commands that load a pretrained energy model and corrupt images."""
     parser.add_argument(
@@ -98,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"energyssl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (cls, _, short, long) in _config_commands().items():
-        add_arguments(commands.add_parser(name, help=short, description=long), cls)
+        add_arguments(commands.add_parser(name, help=short, description=long), cls, _flags(name))
     restore = commands.add_parser(
         "restore",
         help="corrupt and restore images with a pretrained energy model; save the grid and PSNR",
@@ -139,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_config(command: str, argv: list[str]) -> Any:
+    """The config ``energyssl COMMAND argv`` would run with (benchmarks build runs this way)."""
+    from .config import resolve
+
+    cls = _config_commands()[command][0]
+    return resolve(build_parser().parse_args([command, *argv]), cls, _flags(command))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             from .config import resolve
 
             cls, run, _, _ = _config_commands()[args.command]
-            run(resolve(args, cls))
+            run(resolve(args, cls, _flags(args.command)))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,19 +8,27 @@ import argparse
 import difflib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
 from .errors import UserError
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
+def option(default: Any, help: str, flag: bool = False, **extra: Any) -> Any:
+    """A config key (or, in a method's ``Options``, an option) with its help; ``flag``: a method
+    option that is also a ``pretrain`` flag and a top-level config key (``--steps`` sets the
+    energy method's ``steps``)."""
+    metadata = {"help": help, "flag": flag, **extra}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_opt = option
 
 
 ConfigT = TypeVar("ConfigT", bound="CommonConfig")
@@ -77,45 +85,20 @@ class PretrainConfig(CommonConfig):
         "energy", "energy (the method), or another in the same harness: mae, ae (AE + --task), cae, mocov3, dino, ijepa"
     )
     method_options: dict = _opt(
-        {}, "options of a method other than energy, e.g. {mask_ratio: 0.75, decoder_depth: 2} (see energyssl.methods)"
-    )
-    task: str = _opt(
-        "masking",
-        "pretext task: grid_mask, block_mask, block_mask_large, super_resolution, denoise, colorize, mixed (one "
-        "of all per image), masking (one of the three masks per image), or sorting (ViT: restore shuffled position "
-        "embeddings; also joins mixed via corruption.mixed.tasks)",
-    )
-    corruption: dict = _opt(
         {},
-        "per-task parameters, e.g. {grid_mask: {cell: 4, ratio: 0.7}, mixed: {tasks: [...], weights: [...]}}; "
-        "on the command line: --set corruption.grid_mask.ratio=0.5",
-    )
-    steps: int = _opt(1, "restoration steps K (1 gave the best accuracy per compute, benchmarks/RESULTS.md)")
-    grad_mode: str = _opt(
-        "auto",
-        "parameter gradient of the energy objective: exact (double backward), fast (finite difference of two "
-        "backward passes; float32, smooth backbones such as ViTs and ConvNeXts), or auto (fast float32 on CPUs, "
-        "exact bf16 on GPUs, exact for kinked backbones; printed at start with the reason)",
+        "the method's options, e.g. {mask_ratio: 0.75, decoder_depth: 2} for mae (see energyssl.methods); the "
+        "flags below marked (METHOD) set its options too",
     )
     time_budget: float | None = _opt(
         None,
         "stop after this many minutes of training steps; the lr schedule then follows the share of the budget "
         "spent, shaped as if it were --epochs epochs (which still cap the run)",
     )
-    alpha_init: float | None = _opt(
-        None,
-        "initial step size alpha (learned, kept positive); default: set on the first batch so that the first "
-        "step covers half the corruption (dE/dx shrinks as images grow)",
-    )
-    head_init_std: float = _opt(10.0, "energy head init: std * 1/sqrt(features); larger starts with a usable dE/dx")
-    langevin_std: float = _opt(0.0, "std of Gaussian noise added at each restoration step (Langevin style)")
-    loss: str = _opt("mse", "restoration loss: mse or smooth_l1")
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
-    vis_every: int = _opt(1, "save a restoration grid every N epochs in restorations/ (0: only at the end)")
     resume: str | None = _opt(
-        None, "resume from a checkpoint folder, or 'auto' for the latest in --out", flag_const="auto"
+        None, "resume from a checkpoint folder, or 'auto' for the latest in --out (the flag alone)"
     )
 
 
@@ -165,6 +148,28 @@ class ProbeConfig(EvalConfig):
     out: str = _opt("runs/probe", "output folder: results.json, config.yaml, cached features")
 
 
+METHOD_OPTIONS = "method_options"  # where the method options given as flags go
+FLAG_CONSTS = {"resume": "auto"}  # flags that may be given without a value
+
+
+def _default(f: Field) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _typed_fields(cls: type) -> list[tuple[Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in fields(cls)]
+
+
+class Flag(NamedTuple):
+    """A method option that is also a ``pretrain`` flag and config key (see :func:`option`)."""
+
+    name: str
+    hint: Any
+    default: Any
+    help: str
+
+
 def _base_type(hint: Any) -> type:
     """``int | None`` -> int; used to parse command-line values."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -172,8 +177,8 @@ def _base_type(hint: Any) -> type:
     return hint
 
 
-def _check_keys(keys: list[str], where: str, cls: type[ConfigT]) -> None:
-    known = [f.name for f in fields(cls)]
+def _check_keys(keys: list[str], where: str, cls: type[ConfigT], flags: Sequence[Flag] = ()) -> None:
+    known = [f.name for f in fields(cls)] + [f.name for f in flags]
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -181,7 +186,7 @@ def _check_keys(keys: list[str], where: str, cls: type[ConfigT]) -> None:
             raise UserError(f"unknown config key '{key}' in {where}{hint}")
 
 
-def load_yaml(path: str, cls: type[ConfigT]) -> dict[str, Any]:
+def load_yaml(path: str, cls: type[ConfigT], flags: Sequence[Flag] = ()) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file not found: {path}")
@@ -191,12 +196,13 @@ def load_yaml(path: str, cls: type[ConfigT]) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    _check_keys(list(data), path, cls)
+    _check_keys(list(data), path, cls, flags)
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigT]) -> None:
-    """One flag per field of the config dataclass ``cls``, with its help and default."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigT], flags: Sequence[Flag] = ()) -> None:
+    """One flag per field of the config dataclass ``cls`` (and per method option in ``flags``),
+    with its help and default."""
     parser.add_argument("--config", help="YAML file of config keys (flags override it)")
     parser.add_argument(
         "--set",
@@ -205,23 +211,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigT]) -> None:
         metavar="KEY=VALUE",
         help="set any key, dotted for nested ones (value parsed as YAML), e.g. corruption.grid_mask.ratio=0.5",
     )
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
+    own_flags = [Flag(f.name, hint, _default(f), f.metadata["help"]) for f, hint in _typed_fields(cls)]
+    for f in [*own_flags, *flags]:
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        own = f.metadata["help"]  # a help that explains its default keeps it; others get the value
-        help_text = own if "default" in own else f"{own} (default: {default})"
-        kind = _base_type(hints[f.name])
+        # a help that explains its default keeps it; others get the value
+        help_text = f.help if "default" in f.help else f"{f.help} (default: {f.default})"
+        kind = _base_type(f.hint)
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is dict:
             parser.add_argument(flag, dest=f.name, type=_yaml_mapping, default=None, metavar="YAML", help=help_text)
         elif kind is list:
             parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_text)
-        elif "flag_const" in f.metadata:
-            parser.add_argument(
-                flag, dest=f.name, nargs="?", const=f.metadata["flag_const"], default=None, help=help_text
-            )
+        elif f.name in FLAG_CONSTS:
+            parser.add_argument(flag, dest=f.name, nargs="?", const=FLAG_CONSTS[f.name], default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
 
@@ -234,9 +237,13 @@ def _yaml_mapping(text: str) -> dict[str, Any]:
     return value
 
 
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any, cls: type[ConfigT]) -> None:
+def _set_dotted(
+    target: dict[str, Any], dotted: str, value: Any, cls: type[ConfigT], flags: Sequence[Flag] = ()
+) -> None:
     keys = dotted.split(".")
-    _check_keys(keys[:1], "--set", cls)
+    _check_keys(keys[:1], "--set", cls, flags)
+    if keys[0] in {f.name for f in flags}:
+        target = target.setdefault(METHOD_OPTIONS, {})
     node = target
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -245,32 +252,36 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any, cls: type[Confi
     node[keys[-1]] = value
 
 
-def resolve(args: argparse.Namespace, cls: type[ConfigT]) -> ConfigT:
-    """Defaults, then the YAML file, then ``--set`` values, then explicit flags."""
+def resolve(args: argparse.Namespace, cls: type[ConfigT], flags: Sequence[Flag] = ()) -> ConfigT:
+    """Defaults, then the YAML file, then ``--set`` values, then explicit flags. The method
+    options in ``flags`` are set in ``method_options`` wherever they are given."""
     values: dict[str, Any] = cls().to_dict()
+    flag_names = {f.name for f in flags}
     if args.config:
-        for key, value in load_yaml(args.config, cls).items():
-            if isinstance(value, dict) and isinstance(values.get(key), dict):
-                values[key] = {**values[key], **value}
+        for key, value in load_yaml(args.config, cls, flags).items():
+            node = values.setdefault(METHOD_OPTIONS, {}) if key in flag_names else values
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                node[key] = {**node[key], **value}
             else:
-                values[key] = value
+                node[key] = value
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw), cls)
-    for f in fields(cls):
+        _set_dotted(values, key.strip(), yaml.safe_load(raw), cls, flags)
+    for f in [*fields(cls), *flags]:
         value = getattr(args, f.name, None)
         if value is not None:
-            values[f.name] = value
+            (values.setdefault(METHOD_OPTIONS, {}) if f.name in flag_names else values)[f.name] = value
     config = cls(**values)
     check_types(config)
     check_ranges(config)
     return config
 
 
-def check_types(config: CommonConfig) -> None:
-    """Each key holds a value of its type (ints for ints, numbers for floats, ...), else one line."""
+def check_types(config: Any) -> None:
+    """Each key of a config or options dataclass holds a value of its type (ints for ints,
+    numbers for floats, ...), else one line."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value, hint = getattr(config, f.name), hints[f.name]

@@ -58,10 +58,10 @@ def pretrain_step_flops(cfg: PretrainConfig, device: torch.device | None = None)
     train_set, _, _ = training_data(cfg, dataset, dataset.info, img_size, World(), device)
     batch = example_views(train_set, device, cfg.batch_size)
     setup = setup_model(cfg, dataset.info, img_size, [view[:8] for view in batch], device, World())
-    optimizer = torch.optim.AdamW([p for p in setup.objective.parameters() if p.requires_grad], lr=0.0)
+    optimizer = torch.optim.AdamW([p for p in setup.method.parameters() if p.requires_grad], lr=0.0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return count_flops(
-        lambda: train_step(setup.objective, batch, generator, optimizer, setup.precision, None, World(), 0)
+        lambda: train_step(setup.method, batch, generator, optimizer, setup.precision, None, World(), 0)
     )
 
 

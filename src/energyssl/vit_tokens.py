@@ -8,7 +8,7 @@ image of the model's own size it equals ``forward_features``.
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -48,6 +48,18 @@ def patch_positions(vit: VisionTransformer, grid: tuple[int, int] | None = None)
     if grid is not None and tuple(grid) != own:
         positions = resample_abs_pos_embed(positions, list(grid), list(own), num_prefix_tokens=0)
     return positions
+
+
+def install_sincos_positions(vit: VisionTransformer, trainable: bool = False) -> Tensor:
+    """Write fixed 2-D sin-cos values into the patch positions of ``pos_embed`` (prefix tokens
+    get zeros), as MAE's encoder, MoCo v3 and patch sorting use them; fine-tuning starts from
+    them with a trainable embedding. Returns the (N, D) table."""
+    table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), dim=vit.embed_dim).to(vit.pos_embed)
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        patch_positions(vit).copy_(table.unsqueeze(0))
+    vit.pos_embed.requires_grad_(trainable)
+    return table
 
 
 def patch_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:

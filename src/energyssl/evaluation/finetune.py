@@ -10,49 +10,22 @@ from functools import partial
 
 import torch
 from timm.data import Mixup
-from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS, rand_augment_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision import transforms
 from tqdm import tqdm
 
 from ..config import FinetuneConfig
-from ..data import DataInfo, TransformedDataset, eval_transform
+from ..data import TransformedDataset, eval_transform, finetune_transform
 from ..distributed import World, loader_workers
-from ..engine import cosine_lr
 from ..errors import UserError
 from ..metrics import MetricsLogger
 from ..precision import Precision, amp_dtype_for
+from ..schedules import warmup_cosine
 from .common import EvalData, prepare, results_record
 from .results import evaluate_classifier, summary_line, write_results
-
-
-def finetune_transform(info: DataInfo, img_size: int, cfg: FinetuneConfig) -> transforms.Compose:
-    """RandomResizedCrop + flip + RandAugment (applied in RGB, so grey images work too)."""
-    steps: list = [
-        transforms.RandomResizedCrop(
-            img_size, scale=tuple(cfg.crop_scale), interpolation=transforms.InterpolationMode.BICUBIC
-        ),
-        transforms.RandomHorizontalFlip(),
-    ]
-    if cfg.randaug:
-        mean = tuple(round(255 * m) for m in (info.mean * 3 if info.in_chans == 1 else info.mean))
-        hparams = {"translate_const": int(img_size * 0.45), "img_mean": mean}
-        randaug = rand_augment_transform(cfg.randaug, hparams, transforms=randaug_ops(cfg.randaug))
-        mode = "L" if info.in_chans == 1 else "RGB"
-        steps.append(transforms.Lambda(lambda img: randaug(img.convert("RGB")).convert(mode)))
-    steps += [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
-    return transforms.Compose(steps)
-
-
-def randaug_ops(spec: str) -> list[str]:
-    """timm's RandAugment ops minus Posterize: with magnitude noise it asks Pillow >= 12 for
-    0 bits, which Pillow rejects."""
-    ops = _RAND_INCREASING_TRANSFORMS if "inc1" in spec.split("-") else _RAND_TRANSFORMS
-    return [op for op in ops if not op.startswith("Posterize")]
 
 
 def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
@@ -67,7 +40,8 @@ def loaders(cfg: FinetuneConfig, data: EvalData, device: torch.device) -> tuple[
     if batch < 2:
         raise UserError(f"only {len(data.train)} labeled image(s): raise --label-fraction")
     workers, pin = loader_workers(cfg.num_workers, device, World()), device.type == "cuda"
-    train = TransformedDataset(data.train, finetune_transform(data.info, data.img_size, cfg))
+    augment = finetune_transform(data.info, data.img_size, tuple(cfg.crop_scale), cfg.randaug)
+    train = TransformedDataset(data.train, augment)
     scored = TransformedDataset(data.scored, eval_transform(data.info, data.img_size))
     return (
         DataLoader(train, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=pin),
@@ -145,12 +119,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     train_loader, scored_loader = loaders(cfg, data, device)
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * train_loader.batch_size / 256
     steps = len(train_loader)
-    lr_at = partial(cosine_lr, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=int(cfg.warmup_epochs * steps),
+    lr_at = partial(warmup_cosine, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=int(cfg.warmup_epochs * steps),
                     total_steps=cfg.epochs * steps)  # fmt: skip
     trainer = Trainer(
         model, layer_decay_optimizer(model, cfg, base_lr), lr_at, *criterion_and_mixup(cfg, data.info.num_classes),
         ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None,
-        Precision.build(amp_dtype_for(cfg.amp, device), device, energy=False), device,
+        Precision.build(amp_dtype_for(cfg.amp, device), device), device,
         MetricsLogger(setup.out, tensorboard=cfg.tensorboard), cfg,
     )  # fmt: skip
     print(

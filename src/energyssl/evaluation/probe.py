@@ -22,8 +22,8 @@ from ..checkpoint import atomic_write, read_metadata
 from ..config import ProbeConfig
 from ..data import TransformedDataset, eval_transform
 from ..distributed import World, loader_workers
-from ..engine import cosine_lr
 from ..errors import UserError
+from ..schedules import warmup_cosine
 from .common import prepare, results_record
 from .results import accuracy_metrics, summary_line, write_results
 
@@ -135,7 +135,7 @@ def train_head(head: nn.Module, x: Tensor, y: Tensor, cfg: ProbeConfig, device: 
                 return head
             idx = order[i * batch : (i + 1) * batch]
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, lr, cfg.min_lr, int(cfg.warmup_epochs * steps_per_epoch), total)
+                group["lr"] = warmup_cosine(step, lr, cfg.min_lr, int(cfg.warmup_epochs * steps_per_epoch), total)
             loss = F.cross_entropy(head(x[idx].to(device).float()), y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,27 +12,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..corruptions import build_corruption
-from ..sorting import PatchSorting, edge_masked_patch_tokens
 from ..vit_tokens import encode, patch_tokens, require_vit
 from .base import BuildContext, Generator, Method, StepOutput
 from .common import LightDecoder, gather, patchify
+from .energy.corruptions import build_corruption
+from .energy.sorting import PatchSorting, edge_masked_patch_tokens
+from .energy.tasks import check_task_parameters, corruption_option, task_option
 
 
 @dataclass
 class AEOptions:
+    task: str = task_option()  # the energy method's pretext tasks
+    corruption: dict = corruption_option()
     decoder_dim: int = 128
     decoder_depth: int = 2
+
+    def __post_init__(self) -> None:
+        check_task_parameters(self.task, self.corruption)
 
 
 class AutoencoderTask(Method):
     Options = AEOptions
-    uses_task = True
+    resume_keys = ("task",)
 
     @classmethod
     def build(cls, backbone: nn.Module, context: BuildContext, options: AEOptions) -> AutoencoderTask:
-        cfg, info = context.cfg, context.info
-        return cls(backbone, cfg.task, cfg.corruption, info.in_chans, info.mean, info.std, **vars(options))
+        info = context.info
+        return cls(backbone, params=options.corruption, in_chans=info.in_chans, mean=info.mean, std=info.std,
+                   **{k: v for k, v in vars(options).items() if k != "corruption"})  # fmt: skip
 
     def __init__(
         self, backbone: nn.Module, task: str, params: dict[str, Any], in_chans: int, mean, std,
@@ -55,6 +62,10 @@ class AutoencoderTask(Method):
         self.decoder = LightDecoder(
             vit.embed_dim, grid, out, decoder_dim, decoder_depth, positions=self.sorting is None
         )
+        self.task = task
+
+    def metadata(self) -> dict[str, str]:
+        return {"task": self.task}
 
     def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
         images, vit = views[0], self.backbone

@@ -22,11 +22,10 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..vit_tokens import encode, patch_positions, patch_tokens, require_vit
+from ..vit_tokens import encode, install_sincos_positions, patch_positions, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput
 from .common import (
     blockwise_split,
-    fix_sincos_positions,
     gather,
     normalise_patches,
     patchify,
@@ -50,7 +49,6 @@ class RegressorBlock(nn.Module):
         queries = queries + self.attn(q, k, self.norm_v(context), need_weights=False)[0]
         return queries + self.mlp(self.norm_mlp(queries))
 
-
 @dataclass
 class CAEOptions:
     mask_ratio: float = 75 / 196  # the reference's 75 of 196 patches
@@ -59,7 +57,6 @@ class CAEOptions:
     align_weight: float = 2.0
     norm_pix_loss: bool = True
     sincos_positions: bool = True
-
 
 class CAE(Method):
     Options = CAEOptions
@@ -84,7 +81,7 @@ class CAE(Method):
         xavier_init(self)
         nn.init.normal_(self.mask_query, std=0.02)
         if sincos_positions:
-            fix_sincos_positions(vit)
+            install_sincos_positions(vit)
 
     def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
         images, vit = views[0], self.backbone

@@ -10,10 +10,7 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ..corruptions import uniform
-from ..vit_tokens import patch_positions
-
-Generator = torch.Generator | None
+from ..rng import Generator, uniform
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -83,16 +80,6 @@ def blockwise_split(
     stacked = torch.stack(masks).to(device)
     ids = torch.arange(n, device=device).expand(batch, -1)
     return ids[~stacked].view(batch, -1), ids[stacked].view(batch, -1)
-
-
-def fix_sincos_positions(vit: VisionTransformer) -> None:
-    """Replace the learned position embedding by fixed 2-D sin-cos values (MAE's encoder); the
-    class token's position is zero. Fine-tuning starts from them and may learn them."""
-    table = build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), dim=vit.embed_dim)
-    with torch.no_grad():
-        vit.pos_embed.zero_()
-        patch_positions(vit).copy_(table.unsqueeze(0))
-    vit.pos_embed.requires_grad_(False)
 
 
 def xavier_init(module: nn.Module) -> None:

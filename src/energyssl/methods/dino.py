@@ -23,11 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import DataInfo
+from ..data import DataInfo, byol_view
 from ..errors import UserError
+from ..schedules import cosine
 from ..vit_tokens import pooled, require_vit
-from .augment import byol_view
-from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
+from .base import Generator, Method, StepOutput, ema_update, frozen_copy
 
 
 @dataclass
@@ -129,11 +129,12 @@ class DINO(Method):
         self.batch_center = teacher.mean(0, keepdim=True)
         return StepOutput(loss, {"teacher_temp": torch.tensor(self.teacher_temp())})
 
-    def after_step(self, progress: float) -> None:
+    def after_step(self, progress: float) -> dict[str, float]:
         """The teacher follows the student; the centre follows the teacher's outputs (averaged
         over processes)."""
-        ema_update(self.teacher_backbone, self.backbone, cosine_schedule(self.options.momentum, 1.0, progress))
-        ema_update(self.teacher_head, self.head, cosine_schedule(self.options.momentum, 1.0, progress))
+        momentum = cosine(self.options.momentum, 1.0, progress)
+        ema_update(self.teacher_backbone, self.backbone, momentum)
+        ema_update(self.teacher_head, self.head, momentum)
         if self.batch_center is not None:
             batch = self.batch_center
             if dist.is_available() and dist.is_initialized():
@@ -143,3 +144,4 @@ class DINO(Method):
             self.center.mul_(m).add_(batch, alpha=1 - m)
             self.batch_center = None
         self.progress.fill_(progress)
+        return {"momentum": momentum}

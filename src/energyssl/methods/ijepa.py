@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from torchvision import transforms
 
 from ..data import DataInfo
+from ..schedules import cosine
 from ..vit_tokens import encode, patch_tokens, require_vit
-from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
+from .base import Generator, Method, StepOutput, ema_update, frozen_copy
 from .common import gather, host_generator
 
 
@@ -153,6 +154,8 @@ class IJEPA(Method):
             losses.append(F.mse_loss(self.predictor(context, context_ids, ids), gather(targets, ids)))
         return StepOutput(torch.stack(losses).mean(), {"context_tokens": torch.tensor(float(context_ids.shape[1]))})
 
-    def after_step(self, progress: float) -> None:
+    def after_step(self, progress: float) -> dict[str, float]:
         """The target encoder follows the context encoder."""
-        ema_update(self.target_encoder, self.backbone, cosine_schedule(self.options.momentum, 1.0, progress))
+        momentum = cosine(self.options.momentum, 1.0, progress)
+        ema_update(self.target_encoder, self.backbone, momentum)
+        return {"momentum": momentum}

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..vit_tokens import encode, patch_tokens, require_vit
+from ..vit_tokens import encode, install_sincos_positions, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput
 from .common import (
     LightDecoder,
-    fix_sincos_positions,
     gather,
     normalise_patches,
     patchify,
@@ -26,7 +25,6 @@ from .common import (
 
 HEAD_DIM = 32  # MAE's decoder heads: 512 / 16
 
-
 @dataclass
 class MAEOptions:
     mask_ratio: float = 0.75
@@ -34,7 +32,6 @@ class MAEOptions:
     decoder_depth: int | None = None  # default: 2/3 of the encoder's depth
     norm_pix_loss: bool = True
     sincos_positions: bool = True
-
 
 class MAE(Method):
     Options = MAEOptions
@@ -55,7 +52,7 @@ class MAE(Method):
         xavier_init(self)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
         if sincos_positions:
-            fix_sincos_positions(vit)
+            install_sincos_positions(vit)
 
     def forward(self, views: list[Tensor], generator: Generator = None) -> StepOutput:
         images, vit = views[0], self.backbone

@@ -20,11 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import DataInfo
-from ..vit_tokens import pooled, require_vit
-from .augment import byol_view
-from .base import Generator, Method, StepOutput, cosine_schedule, ema_update, frozen_copy
-from .common import fix_sincos_positions
+from ..data import DataInfo, byol_view
+from ..schedules import cosine
+from ..vit_tokens import install_sincos_positions, pooled, require_vit
+from .base import Generator, Method, StepOutput, ema_update, frozen_copy
 
 
 @dataclass
@@ -76,7 +75,7 @@ class MoCoV3(Method):
         super().__init__()
         self.backbone = vit = require_vit(backbone, "mocov3")
         if sincos_positions:
-            fix_sincos_positions(vit)
+            install_sincos_positions(vit)
         if frozen_patch_projection:
             vit.patch_embed.requires_grad_(False)
         self.temperature, self.start_momentum = temperature, momentum
@@ -111,9 +110,10 @@ class MoCoV3(Method):
         loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
         return StepOutput(loss)
 
-    def after_step(self, progress: float) -> None:
+    def after_step(self, progress: float) -> dict[str, float]:
         """The momentum encoder follows the base encoder, with a momentum rising to 1 (a
         function of progress alone, so a resumed run follows the same schedule)."""
-        momentum = cosine_schedule(self.start_momentum, 1.0, progress)
+        momentum = cosine(self.start_momentum, 1.0, progress)
         ema_update(self.momentum_backbone, self.backbone, momentum)
         ema_update(self.momentum_projector, self.projector, momentum)
+        return {"momentum": momentum}

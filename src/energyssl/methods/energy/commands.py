@@ -1,4 +1,4 @@
-"""``restore``, ``energy`` and ``plot``: look at what a pretrained energy model learned."""
+"""The ``restore`` and ``energy`` commands: look at what a pretrained energy model learned."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from . import checkpoint as ckpt
-from .corruptions import Corruption, build_corruption, task_corruptions
-from .data import HELD_OUT_FRACTION, DataInfo, eval_transform, load_held_out
-from .energy import EnergyModel
-from .engine import restoration_blocks
-from .errors import UserError
-from .metrics import read_metrics
-from .models import create_backbone
-from .objective import split_sorting
-from .visualize import auroc, psnr, save_curves, save_energy_histogram, save_restoration_grid, to_pixels
+from ... import checkpoint as ckpt
+from ...data import HELD_OUT_FRACTION, DataInfo, eval_transform, load_held_out
+from ...errors import UserError
+from ...models import create_backbone
+from .corruptions import Corruption
+from .figures import auroc, psnr, save_energy_histogram, save_restoration_grid, to_pixels
+from .model import EnergyModel
+from .tasks import PixelTask, pixel_corruption, restoration_blocks
 
 
 @dataclass
@@ -98,16 +96,16 @@ def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bo
     return torch.stack([transform(dataset[i][0]) for i in range(min(count, len(dataset)))])
 
 
-def pixel_corruption(task: str, loaded: LoadedEnergyModel) -> Corruption:
+def corruption_for(task: str, loaded: LoadedEnergyModel) -> Corruption:
     """The pixel corruption ``task`` for this model's data (sorting has no picture to show)."""
-    pixel_task, params, _ = split_sorting(task, loaded.corruption)
-    if pixel_task is None:
+    corruption = pixel_corruption(task, loaded.corruption, loaded.in_chans, loaded.mean, loaded.std)
+    if corruption is None:
         raise UserError("sorting corrupts position embeddings, not pixels: pass --task grid_mask (or another)")
-    return build_corruption(pixel_task, params, in_chans=loaded.in_chans, mean=loaded.mean, std=loaded.std)
+    return corruption
 
 
 def corruptions_for(task: str, loaded: LoadedEnergyModel) -> dict[str, Corruption]:
-    return task_corruptions(pixel_corruption(task, loaded), task)
+    return PixelTask(task, corruption_for(task, loaded)).parts()
 
 
 def restore(
@@ -159,7 +157,7 @@ def energy_scores(
     loaded = load_energy_model(init)
     task = task or loaded.task
     real = dataset_images(data, loaded, count)
-    corrupted = pixel_corruption(task, loaded)(real, torch.Generator().manual_seed(seed))
+    corrupted = corruption_for(task, loaded)(real, torch.Generator().manual_seed(seed))
     restored = torch.cat([loaded.model.restore(c, 1)[0].detach() for c in corrupted.split(256)])
     groups = {"real": _energies(loaded.model, real), f"corrupted ({task})": _energies(loaded.model, corrupted)}
     groups["restored (1 step)"] = _energies(loaded.model, restored)
@@ -186,19 +184,3 @@ def energy_scores(
         f"saved {out / 'energy.png'}"
     )
     return report
-
-
-def plot(runs: list[str], out: Path) -> Path:
-    """Loss, alpha and lr curves of one or more runs, overlaid."""
-    records = {}
-    for run in runs:
-        metrics = Path(run) / "metrics.jsonl"
-        if not metrics.is_file():
-            print(f"warning: skipped {run}: no metrics.jsonl")
-            continue
-        records[Path(run).resolve().name] = read_metrics(metrics)
-    if not records:
-        raise UserError(f"no metrics.jsonl in {', '.join(runs)}")
-    path = save_curves(out, records)
-    print(f"saved {path}")
-    return path

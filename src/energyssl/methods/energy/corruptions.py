@@ -8,7 +8,6 @@ Masked pixels are set to 0, the dataset mean in normalised space.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,15 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
-
-Generator = torch.Generator | None
-
-
-def uniform(shape: Sequence[int], generator: Generator, device: torch.device) -> Tensor:
-    """Uniform [0, 1) numbers drawn on the generator's device, then moved (CPU generators work anywhere)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(tuple(shape), generator=generator, device=gen_device).to(device)
+from ...errors import UserError
+from ...rng import Generator, uniform
 
 
 def require(ok: bool, message: str) -> None:

@@ -14,33 +14,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from .corruptions import require, uniform
-from .energy import EnergyModel, Restoration
-from .errors import UserError
-from .vit_tokens import encode, patch_embeddings, require_vit
-
-Generator = torch.Generator | None
-
-
-def sincos_table(vit: VisionTransformer) -> Tensor:
-    """2D sin-cos embedding of each patch position (as MoCo v3), shape (N, D)."""
-    return build_sincos2d_pos_embed(list(vit.patch_embed.grid_size), dim=vit.embed_dim, temperature=10000.0)
-
-
-def install_sincos(vit: VisionTransformer, trainable: bool) -> Tensor:
-    """Write the sin-cos values into ``pos_embed`` (prefix tokens get zeros); fixed while sorting
-    is pretrained, trainable from the same values when fine-tuning. Returns the (N, D) table."""
-    table = sincos_table(vit).to(vit.pos_embed)
-    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-    with torch.no_grad():
-        vit.pos_embed.zero_()
-        vit.pos_embed[0, prefix:] = table
-    vit.pos_embed.requires_grad_(trainable)
-    return table
+from ...errors import UserError
+from ...rng import Generator, uniform
+from ...vit_tokens import encode, patch_embeddings, require_vit
+from .corruptions import require
+from .model import EnergyModel, Restoration
 
 
 @dataclass
@@ -133,7 +114,7 @@ def sorting_accuracy(positions: Tensor, table: Tensor, kept: Tensor | None = Non
     return correct.float().mean().item()
 
 
-def sorting_restoration(
+def shuffle_and_sort(
     model: EnergyModel,
     sorting: PatchSorting,
     table: Tensor,
@@ -148,10 +129,10 @@ def sorting_restoration(
     kept = sorting.kept_tokens(batch, n, generator, images.device) if model.training else None
     patch = require_vit(model.backbone, "patch sorting", class_token=False).patch_embed.patch_size[0]
     edge = sorting.edge_widths(batch, patch, generator, images.device) if model.training else None
-    return restore_positions(model, table, images, shuffled, steps, kept, edge, grad_scale)
+    return sort_positions(model, table, images, shuffled, steps, kept, edge, grad_scale)
 
 
-def restore_positions(
+def sort_positions(
     model: EnergyModel,
     table: Tensor,
     images: Tensor,
@@ -174,4 +155,25 @@ def restore_positions(
     def target_loss(positions: Tensor) -> Tensor:
         return F.mse_loss(seen(positions), seen(target))
 
-    return model.restoration(shuffled, target_loss, steps, grad_scale, energy_fn)
+    return model.restoration_loss(shuffled, target_loss, steps, grad_scale, energy_fn)
+
+
+def sorting_report(
+    model: EnergyModel, sorting: PatchSorting, table: Tensor, images: Tensor, steps: int, seed: int = 0
+) -> dict[str, float]:
+    """Sorting accuracy on held-out images: share of patches whose embedding is nearest to their
+    true position's, for the shuffled input and after each step (no regularisers)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    table = table.to(images)
+    totals = torch.zeros(steps + 1, dtype=torch.float64)
+    for start in range(0, len(images), 128):
+        batch = images[start : start + 128]
+        shuffled = table[sorting.permutation(len(batch), table.shape[0], generator, batch.device)]
+        with torch.no_grad():  # no graph of the parameters: the input gradient alone is needed
+            out = sort_positions(model, table, batch, shuffled, steps)
+        for k, positions in enumerate([shuffled, *out.steps]):
+            totals[k] += sorting_accuracy(positions, table) * len(batch)
+    acc = (totals / len(images)).tolist()
+    steps_accuracy = {f"step{k}_accuracy": v for k, v in enumerate(acc[1:], 1)}
+    return {"shuffled_accuracy": acc[0], **steps_accuracy, "sorted_accuracy": acc[-1]}

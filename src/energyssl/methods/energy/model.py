@@ -259,7 +259,7 @@ class EnergyModel(nn.Module):
         x = x - alpha * grad
         return x + self.langevin_std * torch.randn_like(x) if self.langevin_std > 0 else x
 
-    def restoration(
+    def restoration_loss(
         self,
         start: Tensor,
         target_loss: Callable[[Tensor], Tensor],
@@ -335,4 +335,4 @@ class EnergyModel(nn.Module):
             with torch.no_grad():
                 self.backbone(clean)  # update BatchNorm running statistics from clean images
         target = _at_least_fp32(clean)
-        return self.restoration(corrupted, lambda x: self.loss_fn(_at_least_fp32(x), target), steps, grad_scale)
+        return self.restoration_loss(corrupted, lambda x: self.loss_fn(_at_least_fp32(x), target), steps, grad_scale)
