@@ -11,7 +11,7 @@ from energyssl import create_backbone
 from energyssl.cli import main
 from energyssl.errors import UserError
 from energyssl.methods import method_for
-from energyssl.methods.common import blockwise_split, patchify, random_split
+from energyssl.methods.masked_image import blockwise_split, patchify, random_split
 
 
 def vit(patch=4):

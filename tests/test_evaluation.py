@@ -139,7 +139,7 @@ def test_labeled_subset_is_balanced_and_reproducible():
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 1.0])
 def test_no_validation_or_test_image_is_ever_trained_on(tmp_path, fraction):
     from energyssl.config import FinetuneConfig
-    from energyssl.evaluation.common import load_eval_data
+    from energyssl.evaluation.prepare import load_eval_data
 
     test_images = load_eval_data(FinetuneConfig(eval_split="test"), tmp_path).scored
     subsets, vals = [], []

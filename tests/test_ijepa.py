@@ -9,8 +9,8 @@ from conftest import assert_ema_step
 from energyssl import create_backbone
 from energyssl.cli import main
 from energyssl.methods import method_for
-from energyssl.methods.common import gather
 from energyssl.methods.ijepa import IJEPAOptions, multiblock_masks
+from energyssl.methods.masked_image import gather
 
 
 def test_multiblock_masks_follow_the_papers_geometry():

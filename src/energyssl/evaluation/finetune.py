@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..metrics import MetricsLogger
 from ..precision import Precision, amp_dtype_for
 from ..schedules import warmup_cosine
-from .common import EvalData, prepare, results_record
+from .prepare import EvalData, prepare, results_record
 from .results import evaluate_classifier, summary_line, write_results
 
 

@@ -24,13 +24,13 @@ from ..data import TransformedDataset, eval_transform
 from ..distributed import World, loader_workers
 from ..errors import UserError
 from ..schedules import warmup_cosine
-from .common import prepare, results_record
+from .prepare import prepare, results_record
 from .results import accuracy_metrics, summary_line, write_results
 
 PROTOCOLS = ("linear", "mlp", "knn", "attentive")
 
 
-def patch_tokens(model: nn.Module, images: Tensor) -> Tensor:
+def frozen_tokens(model: nn.Module, images: Tensor) -> Tensor:
     """(B, N, D) tokens without prefix (class/register) tokens; CNN maps become (B, H*W, C)."""
     features = model.forward_features(images)
     if features.ndim == 4:
@@ -43,7 +43,7 @@ def has_patch_tokens(model: nn.Module, in_chans: int, img_size: int, device: tor
     """Whether ``model`` gives tokens to attend over (one probe image, on the model's device,
     in eval mode so a BatchNorm accepts a batch of one)."""
     model.eval()
-    return patch_tokens(model, torch.zeros(1, in_chans, img_size, img_size, device=device)).shape[1] >= 1
+    return frozen_tokens(model, torch.zeros(1, in_chans, img_size, img_size, device=device)).shape[1] >= 1
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def extract(model: nn.Module, loader: DataLoader, device: torch.device, tokens: 
     for images, targets in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
         if tokens:
-            feats.append(patch_tokens(model, images).half().cpu())
+            feats.append(frozen_tokens(model, images).half().cpu())
         else:
             feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().cpu())
         labels.append(targets)

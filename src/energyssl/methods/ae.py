@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from ..vit_tokens import encode, patch_tokens, require_vit
 from .base import BuildContext, Generator, Method, StepOutput
-from .common import LightDecoder, gather, patchify
 from .energy.corruptions import build_corruption
 from .energy.sorting import PatchSorting, edge_masked_patch_tokens
 from .energy.tasks import check_task_parameters, corruption_option, task_option
+from .masked_image import LightDecoder, gather, patchify
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..vit_tokens import encode, install_sincos_positions, patch_positions, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput
-from .common import (
+from .masked_image import (
     blockwise_split,
     gather,
     normalise_patches,

@@ -29,7 +29,7 @@ from ..data import DataInfo
 from ..schedules import cosine
 from ..vit_tokens import encode, patch_tokens, require_vit
 from .base import Generator, Method, StepOutput, ema_update, frozen_copy
-from .common import gather, host_generator
+from .masked_image import gather, host_generator
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Downstream evaluation of a backbone: fine-tuning, frozen-feature probes, results and reports."""

@@ -1,0 +1,203 @@
+"""``energyssl probe``: frozen-backbone protocols on features extracted once.
+
+* linear -- BatchNorm without affine, then a linear classifier (as MAE);
+* mlp -- a 3-layer head;
+* knn -- cosine similarity, k neighbours, votes weighted by exp(cos / T) (as DINO);
+* attentive -- a cross-attention unit with its own class token over the patch tokens, then
+  a linear classifier (as CAE). CNN feature maps count as tokens (one per position).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..checkpoint import atomic_write, read_metadata
+from ..config import ProbeConfig
+from ..data import TransformedDataset, eval_transform
+from ..distributed import World, loader_workers
+from ..errors import UserError
+from ..schedules import warmup_cosine
+from .prepare import prepare, results_record
+from .results import accuracy_metrics, summary_line, write_results
+
+PROTOCOLS = ("linear", "mlp", "knn", "attentive")
+
+
+def frozen_tokens(model: nn.Module, images: Tensor) -> Tensor:
+    """(B, N, D) tokens without prefix (class/register) tokens; CNN maps become (B, H*W, C)."""
+    features = model.forward_features(images)
+    if features.ndim == 4:
+        return features.flatten(2).transpose(1, 2)
+    return features[:, getattr(model, "num_prefix_tokens", 0) :]
+
+
+@torch.no_grad()
+def has_patch_tokens(model: nn.Module, in_chans: int, img_size: int, device: torch.device) -> bool:
+    """Whether ``model`` gives tokens to attend over (one probe image, on the model's device,
+    in eval mode so a BatchNorm accepts a batch of one)."""
+    model.eval()
+    return frozen_tokens(model, torch.zeros(1, in_chans, img_size, img_size, device=device)).shape[1] >= 1
+
+
+@torch.no_grad()
+def extract(model: nn.Module, loader: DataLoader, device: torch.device, tokens: bool) -> tuple[Tensor, Tensor]:
+    """Pooled features (or patch tokens, in float16 to save memory) and labels of a whole split."""
+    model.eval()
+    feats, labels = [], []
+    for images, targets in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        if tokens:
+            feats.append(frozen_tokens(model, images).half().cpu())
+        else:
+            feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().cpu())
+        labels.append(targets)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_features(
+    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, tokens: bool, cache: Path, key: str
+) -> dict[str, Tensor]:
+    """Features of every split, from ``cache`` when it was made for the same ``key``."""
+    if cache.is_file() and read_metadata(cache).get("key") == key:
+        return load_file(str(cache))
+    out: dict[str, Tensor] = {}
+    for split, loader in loaders.items():
+        out[f"{split}_x"], out[f"{split}_y"] = extract(model, loader, device, tokens)
+    atomic_write(cache, lambda p: save_file(out, str(p), metadata={"key": key}))
+    return out
+
+
+def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int, temperature: float, classes: int) -> Tensor:
+    """Class scores from the k most cosine-similar training features, weighted by exp(sim / T)."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    scores = []
+    for chunk in test_x.split(1024):
+        sim, idx = (chunk @ train_x.T).topk(min(k, len(train_x)), dim=1)
+        votes = torch.zeros(len(chunk), classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+class AttentiveHead(nn.Module):
+    """A learned class token attends to the (frozen) patch tokens; a linear layer classifies it."""
+
+    def __init__(self, dim: int, classes: int, heads: int = 4) -> None:
+        super().__init__()
+        heads = heads if dim % heads == 0 else 1
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.norm_tokens = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_out = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        tokens = self.norm_tokens(tokens.float())
+        pooled, _ = self.attn(self.query.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
+        return self.fc(self.norm_out(pooled.squeeze(1)))
+
+
+def probe_head(protocol: str, dim: int, classes: int) -> nn.Module:
+    if protocol == "linear":
+        return nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, classes))
+    if protocol == "mlp":
+        hidden = 512
+        return nn.Sequential(
+            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, classes),
+        )  # fmt: skip
+    return AttentiveHead(dim, classes)
+
+
+def train_head(head: nn.Module, x: Tensor, y: Tensor, cfg: ProbeConfig, device: torch.device) -> nn.Module:
+    """AdamW with warmup + cosine on cached features."""
+    head.to(device)
+    batch = min(cfg.batch_size, len(x))
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * batch / 256
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(x) // batch)
+    total = cfg.epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    for _ in tqdm(range(cfg.epochs), desc=f"{cfg.protocol} head", leave=False, dynamic_ncols=True):
+        head.train()
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(steps_per_epoch):
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                return head
+            idx = order[i * batch : (i + 1) * batch]
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, lr, cfg.min_lr, int(cfg.warmup_epochs * steps_per_epoch), total)
+            loss = F.cross_entropy(head(x[idx].to(device).float()), y[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head
+
+
+@torch.no_grad()
+def predict(head: nn.Module, x: Tensor, device: torch.device) -> Tensor:
+    head.eval()
+    return torch.cat([head(chunk.to(device).float()).cpu() for chunk in x.split(512)])
+
+
+def probe(cfg: ProbeConfig) -> dict:
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{cfg.protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+    setup = prepare(cfg)
+    device, data, model = setup.device, setup.data, setup.model
+    classes = data.info.num_classes
+    tokens = cfg.protocol == "attentive"
+    if tokens and not has_patch_tokens(model, data.info.in_chans, data.img_size, device):
+        raise UserError(f"{setup.model_name} gives no patch tokens for the attentive probe")
+    transform = eval_transform(data.info, data.img_size)
+    workers = loader_workers(cfg.num_workers, device, World())
+    loaders = {
+        split: DataLoader(
+            TransformedDataset(ds, transform), batch_size=256, num_workers=workers, pin_memory=device.type == "cuda"
+        )
+        for split, ds in (("train", data.train), ("test", data.scored))
+    }
+    key = ":".join(
+        map(
+            str,
+            (
+                setup.init.sha256,
+                setup.model_name,
+                cfg.data,
+                cfg.label_fraction,
+                cfg.seed,
+                data.img_size,
+                tokens,
+                cfg.val_size,
+                cfg.eval_split,
+            ),
+        )
+    )
+    cache = setup.out / ("tokens.safetensors" if tokens else "features.safetensors")
+    feats = cached_features(model, loaders, device, tokens, cache, key)
+    train_x, train_y, test_x, test_y = feats["train_x"], feats["train_y"], feats["test_x"], feats["test_y"]
+    print(
+        f"{cfg.protocol} probe of {setup.model_name} ({setup.init.path or 'random init'}): "
+        f"{len(train_x)} train / {len(test_x)} test"
+    )
+
+    if cfg.protocol == "knn":
+        scores = knn_predict(train_x, train_y, test_x, cfg.knn_k, cfg.knn_temperature, classes)
+    else:
+        head = train_head(probe_head(cfg.protocol, train_x.shape[-1], classes), train_x, train_y, cfg, device)
+        scores = predict(head, test_x, device)
+    metrics = accuracy_metrics(scores, test_y)
+    record = results_record(cfg, setup, cfg.protocol, metrics, len(train_x))
+    write_results(setup.out, record)
+    print(summary_line(record))
+    return record
