@@ -16,7 +16,11 @@ Stages, each a command that keeps finished runs (rerun it to continue an interru
     python benchmarks/accuracy_per_compute.py --stage seeds      # chosen settings, 3 pretraining seeds, test
     python benchmarks/accuracy_per_compute.py --stage curve      # chosen settings, other budgets, test
     python benchmarks/accuracy_per_compute.py --stage reference  # random init, raw pixels, 100% labels, test
+    python benchmarks/accuracy_per_compute.py --stage table4     # the paper's Table 4: tasks, AE + task, K
     python benchmarks/accuracy_per_compute.py --stage report     # tables, intervals, the curve's PNG
+
+The table4 stage keeps every score it measures in ``--table4-scores`` (committed, so that a fresh
+checkout continues where the last one stopped) and skips the cells already there.
 
 Runs one training at a time. With `--disturbed` the stage's wall times are marked as taken while
 the machine did other work (the budgets, in FLOPs, are unaffected).
@@ -58,7 +62,7 @@ class Method:
 METHODS: dict[str, Method] = {
     # Explicit about task, K and gradient, so that a change of defaults does not change a row.
     "energy": Method(
-        ["--method", "energy", "--task", "masking", "--steps", "1", "--grad-mode", "fast"],
+        ["--method", "energy", "--task", "masking", "--steps", "1", "--grad-mode", "fast", "--vis-every", "0"],
         {"K2": ["--steps", "2"], "mixed": ["--task", "mixed"]},
     ),
     "mae": Method(
@@ -101,7 +105,21 @@ FRACTIONS = (0.01, 0.1)
 FINETUNE_FLAGS = ["--mixup", "0", "--cutmix", "0", "--randaug", "", "--warmup-epochs", "1"]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 METRICS = {"ft0.01": "fine-tune 1%", "ft0.1": "fine-tune 10%", "knn": "kNN", "linear": "linear"}
-STAGES = ("recipe", "sweep", "seeds", "curve", "reference", "report")
+STAGES = ("recipe", "sweep", "seeds", "curve", "reference", "table4", "report")
+# The paper's Table 4 at our scale: each pretext task for the energy method (K=2, as the sweep
+# chose), the autoencoder with the same corruption (AE + task), then K at the best task.
+ENERGY_TASKS = ("grid_mask", "block_mask", "block_mask_large", "super_resolution", "denoise", "sorting", "mixed")
+AE_TASKS = ("super_resolution", "denoise", "sorting", "grid_mask")
+PAIRED_FIRST = ("super_resolution", "denoise", "sorting", "grid_mask")  # the paper's central claim runs first
+K_VALUES = (1, 2, 4)
+TABLE4_METRICS = ("ft0.01", "knn", "linear")
+for _task in ENERGY_TASKS:
+    METHODS[f"energy-{_task}"] = Method([*METHODS["energy"].flags, "--task", _task, "--steps", "2"])
+    METHODS[f"energy-{_task}-K1"] = Method([*METHODS[f"energy-{_task}"].flags, "--steps", "1"])
+    METHODS[f"energy-{_task}-K4"] = Method([*METHODS[f"energy-{_task}"].flags, "--steps", "4"])
+for _task in AE_TASKS:
+    METHODS[f"ae-{_task}"] = Method(["--method", "ae", "--task", _task])
+PROTOCOL_METHODS = ("energy", "mae", "cae", "mocov3", "dino", "ijepa")  # the headline comparison
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="pretraining batch")
     parser.add_argument("--budget", type=float, default=2.0, help="pretraining budget in supervised epochs of FLOPs")
     parser.add_argument("--curve", type=float, nargs="+", default=[0.5, 1.0, 4.0], help="other budgets, same units")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(PROTOCOL_METHODS), choices=list(METHODS))
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="base lrs swept per method")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining (and fine-tuning) seeds")
     parser.add_argument("--epochs-1pct", type=int, nargs="+", default=[100, 200, 400], help="fine-tune epochs tried")
@@ -125,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disturbed", action="store_true", help="mark this stage's wall times as disturbed")
     parser.add_argument("--out", default="runs/protocol", help="folder of the runs")
     parser.add_argument("--results", default="benchmarks/results/protocol.md", help="Markdown report")
+    parser.add_argument(
+        "--energy-blr", type=float, default=1e-2,
+        help="table4: the energy rows' base lr (default: the sweep's choice on validation, blr0.01-K2)",
+    )  # fmt: skip
+    parser.add_argument("--tasks", nargs="+", default=list(ENERGY_TASKS), choices=ENERGY_TASKS, help="table4's tasks")
+    parser.add_argument("--table4-scores", default="benchmarks/results/table4_scores.json", help="table4's scores")
     args = parser.parse_args(argv)
     if args.budget <= 0 or min(args.curve) <= 0:
         parser.error("budgets must be positive")
@@ -219,7 +243,7 @@ def pretrain_flags(args: argparse.Namespace, method: str, setting: str) -> list[
     blr, _, variant = setting.partition("-")
     flags = ["--data", args.data, "--model", args.model, "--batch-size", str(args.batch_size)]
     flags += [*METHODS[method].flags, *METHODS[method].variants.get(variant, []), "--blr", blr.removeprefix("blr")]
-    return flags + ["--vis-every", "0"]
+    return flags
 
 
 def pretrain(args: argparse.Namespace, method: str, setting: str, budget: float, seed: int) -> Path:
@@ -275,8 +299,16 @@ def stage_recipe(args: argparse.Namespace) -> dict:
     return save_choice(root.parent / "recipe.json", {"0.01": [epochs_1, blr], "0.1": [epochs_10, blr]})
 
 
+RECIPE_RECORD = Path(__file__).parent / "results" / "protocol_recipe.json"  # the recipe stage's choice, kept
+
+
 def recipe(args: argparse.Namespace, fraction: float) -> tuple[int, float]:
-    epochs, blr = load_choice(Path(args.out) / "recipe.json", "recipe")[f"{fraction:g}"]
+    """The fine-tuning recipe the recipe stage chose (its record in the results when this
+    checkout's runs folder has none: runs are not committed, choices are)."""
+    file = Path(args.out) / "recipe.json"
+    epochs, blr = load_choice(file if file.exists() or not RECIPE_RECORD.exists() else RECIPE_RECORD, "recipe")[
+        f"{fraction:g}"
+    ]
     return epochs, blr
 
 
@@ -359,6 +391,172 @@ def ceiling_recipe(args: argparse.Namespace) -> tuple[int, float]:
 
 def ceiling_folder(args: argparse.Namespace, epochs: int) -> Path:
     return Path(args.out) / "ceiling" / f"test-ft1-e{epochs}-s0"
+
+
+# -- the paper's Table 4 at our scale -----------------------------------------------------------
+
+
+class Scores:
+    """The table4 stage's scores, one JSON file: a cell measured once is never measured again,
+    and the file is rewritten after each one (so that a kill loses at most the run in progress)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.values: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str, measure) -> float:  # noqa: ANN001
+        if key not in self.values:
+            self.values[key] = measure()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.values, indent=1, sort_keys=True) + "\n")
+            temporary.replace(self.path)
+        return self.values[key]
+
+
+def table4_cell(args: argparse.Namespace, scores: Scores, row: str, setting: str, seed: int, metric: str) -> float:
+    """One score of a table4 row: ``metric`` is a test metric, or 'val-ft0.01' (seed 0 only)."""
+    key = f"{row}/{setting}/s{seed}/{metric}"
+
+    def measure() -> float:
+        init = "none" if row == SCRATCH else str(pretrain(args, row, setting, args.budget, seed))
+        folder = Path(args.out) / "table4" / row / setting / f"s{seed}"
+        if metric == "val-ft0.01":
+            return finetune(args, init, folder / "val-ft0.01", 0.01, "val", seed, *recipe(args, 0.01))
+        if metric == "ft0.01":
+            return finetune(args, init, folder / "test-ft0.01", 0.01, "test", seed, *recipe(args, 0.01))
+        return probe(args, init, folder / f"test-{metric}", metric, "test", seed)
+
+    return scores.get(key, measure)
+
+
+def table4_ae_blr(args: argparse.Namespace, scores: Scores) -> str:
+    """The AE rows' base lr: the lr grid at grid_mask (the masking counterpart of the energy
+    method's own sweep), chosen on validation fine-tuning with 1% of labels, seed 0."""
+    grid = {f"blr{lr:g}": table4_cell(args, scores, "ae-grid_mask", f"blr{lr:g}", 0, "val-ft0.01") for lr in args.lrs}
+    return best(grid)
+
+
+def tasks(args: argparse.Namespace, among: tuple[str, ...]) -> list[str]:
+    return [task for task in among if task in args.tasks]
+
+
+def table4_best_task(args: argparse.Namespace, scores: Scores) -> str | None:
+    """The energy task with the best validation fine-tune (seed 0), once every task has one."""
+    setting = f"blr{args.energy_blr:g}"
+    keys = {task: f"energy-{task}/{setting}/s0/val-ft0.01" for task in tasks(args, ENERGY_TASKS)}
+    if not all(key in scores.values for key in keys.values()):
+        return None
+    return best({task: scores.values[key] for task, key in keys.items()})
+
+
+def table4_plan(args: argparse.Namespace, scores: Scores) -> list[tuple[str, str]]:
+    """(row, setting) in the order they run: the shared tasks in pairs (energy, then AE), the
+    other energy tasks, then K=1 and K=4 at the best task."""
+    energy, ae = f"blr{args.energy_blr:g}", table4_ae_blr(args, scores)
+    plan = [pair for task in tasks(args, PAIRED_FIRST) for pair in ((f"energy-{task}", energy), (f"ae-{task}", ae))]
+    plan += [(f"energy-{task}", energy) for task in tasks(args, ENERGY_TASKS) if task not in PAIRED_FIRST]
+    task = table4_best_task(args, scores)
+    return plan + ([(f"energy-{task}-K{k}", energy) for k in K_VALUES if k != 2] if task else [])
+
+
+def stage_table4(args: argparse.Namespace) -> None:
+    """The random init, then every row, one pretraining seed at a time (seed 0 of every row
+    first), each scored on test (fine-tune 1%, kNN, linear); the energy rows of seed 0 also on
+    validation, which picks the task K is varied at."""
+    scores = Scores(Path(args.table4_scores))
+    for seed in args.seeds:
+        for metric in TABLE4_METRICS:
+            table4_cell(args, scores, SCRATCH, "random", seed, metric)
+    for seed in args.seeds:
+        for row, setting in table4_plan(args, scores):
+            write_table4(args)
+            print(f"{row} {setting} seed {seed}:", flush=True)
+            if seed == args.seeds[0] and row.startswith("energy-") and "-K" not in row:
+                table4_cell(args, scores, row, setting, seed, "val-ft0.01")
+            for metric in TABLE4_METRICS:
+                table4_cell(args, scores, row, setting, seed, metric)
+        if seed == args.seeds[0]:  # the K rows' seed 0, now that the best task is known
+            for row, setting in table4_plan(args, scores)[-2:]:
+                if "-K" in row:
+                    for metric in TABLE4_METRICS:
+                        table4_cell(args, scores, row, setting, seed, metric)
+    write_table4(args)
+
+
+def write_table4(args: argparse.Namespace) -> None:
+    """The table4 stage's report, next to its scores (rewritten as rows finish)."""
+    path = Path(args.table4_scores).with_name("table4.md")
+    intro = [
+        f"The paper's Table 4 at our scale: `{args.data}`, `{args.model}`, pretraining budget {args.budget:g} "
+        f"supervised epochs of FLOPs, batch {args.batch_size}; energy rows at K=2 (fast gradient) and base lr "
+        f"{args.energy_blr:g} (the sweep's choice on validation), AE rows at the lr their own grid chose on "
+        f"validation; test top-1, mean ± sd over pretraining seeds {', '.join(map(str, args.seeds))}. The paper's "
+        "numbers are ImageNet-1K top-1 after 100 epochs of pretraining and of fine-tuning a ViT-S/16.",
+        "",
+    ]
+    path.write_text("\n".join([*intro, *table4_section(args)]) + "\n")
+
+
+# The paper's Table 4 (ViT-S/16, 100 epochs of pretraining and fine-tuning on ImageNet-1K, top-1).
+PAPER_TABLE4 = {
+    "scratch": 76.6, "energy-grid_mask": 79.0, "energy-block_mask": 79.3, "energy-block_mask_large": 79.7,
+    "energy-super_resolution": 79.6, "energy-denoise": 79.2, "energy-sorting": 79.5, "ae-super_resolution": 77.1,
+    "ae-denoise": 76.8, "ae-sorting": 77.2, "ae-grid_mask": 78.3,
+}  # fmt: skip
+PAPER_NAMES = {
+    "scratch": "from scratch",
+    "energy-denoise": "denoising",
+    "energy-grid_mask": "gridded (16), 70%",
+    "energy-block_mask": "random small",
+    "energy-block_mask_large": "random large",
+    "energy-super_resolution": "SR 16",
+    "energy-sorting": "patch sorting",
+    "ae-super_resolution": "AE + SR 16",
+    "ae-denoise": "AE + denoising",
+    "ae-sorting": "AE + sorting",
+    "ae-grid_mask": "MAE, 70%",
+}
+
+
+def table4_values(args: argparse.Namespace, scores: dict[str, float], row: str, metric: str) -> list[float]:
+    """A row's test scores over the pretraining seeds run so far (the row's setting, any lr)."""
+    found = {}
+    for key, value in scores.items():
+        name, setting, seed, what = key.split("/")
+        if name == row and what == metric and int(seed[1:]) in args.seeds:
+            found[int(seed[1:])] = value
+    return [found[seed] for seed in args.seeds if seed in found]
+
+
+def table4_section(args: argparse.Namespace) -> list[str]:
+    """Our numbers beside the paper's Table 4, paired differences energy minus AE + task at each
+    shared task and every row minus the random init, with a verdict where all seeds ran."""
+    file = Path(args.table4_scores)
+    scores = json.loads(file.read_text()) if file.exists() else {}
+    rows_seen = sorted({key.split("/")[0] for key in scores}, key=lambda r: (r != SCRATCH, r.startswith("ae"), r))
+    n = len(args.seeds)
+    head = ["row", "paper's row", "paper top-1", *(METRICS[m] for m in TABLE4_METRICS)]
+    results = [[row, PAPER_NAMES.get(row, "-"), score(PAPER_TABLE4.get(row)),
+                *(mean_sd(table4_values(args, scores, row, m), n) for m in TABLE4_METRICS)] for row in rows_seen]
+    pairs = [(f"energy-{t}", f"ae-{t}") for t in tasks(args, AE_TASKS)]
+    pairs += [(row, SCRATCH) for row in rows_seen if row != SCRATCH]
+    differences = []
+    for a, b in pairs:
+        for metric in TABLE4_METRICS:
+            x, y = table4_values(args, scores, a, metric), table4_values(args, scores, b, metric)
+            if len(x) == len(y) == n:
+                mean, low, high = paired(x, y)
+                word = "ahead" if low > 0 else "behind" if high < 0 else "tied"
+                interval = f"[{low:+.2f}, {high:+.2f}]"
+                differences.append([f"{a} minus {b}", METRICS[metric], f"{mean:+.2f}", interval, word])
+    return [
+        *table(head, results),
+        "",
+        "Colorization has no row: it needs colour images, and this machine has none.",
+        "",
+        *table(["difference", "metric", "mean", "95% interval", "verdict"], differences),
+    ]
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -608,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
         write_report(args, sys.argv[1:] if argv is None else argv)
         return
     {"recipe": stage_recipe, "sweep": stage_sweep, "seeds": stage_seeds, "curve": stage_curve,
-     "reference": stage_reference}[args.stage](args)  # fmt: skip
+     "reference": stage_reference, "table4": stage_table4}[args.stage](args)  # fmt: skip
     stages = Path(args.out) / "stages.json"
     spent = json.loads(stages.read_text()) if stages.exists() else {}
     spent[args.stage] = spent.get(args.stage, 0.0) + time.perf_counter() - start

@@ -169,3 +169,37 @@ def test_budgets_count_the_flops_of_the_flags_given():
     base = ["--model", "essl_vit_micro_patch7", "--batch-size", "8", "--task", "grid_mask", "--grad-mode", "exact"]
     one, two = (pretrain_step_flops(accuracy.pretrain_config([*base, "--steps", k])) for k in ("1", "2"))
     assert 1.8 < two / one < 2.2
+
+
+def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):
+    """The paper's Table 4 at a tiny scale: the random init, energy and AE + task at each shared
+    task, then K=1 and K=4 at the task validation chose; every score lands in the scores file,
+    a second call (a fresh checkout: no runs folder) measures nothing again, and the report
+    pairs energy with AE + task by seed."""
+    monkeypatch.setattr(accuracy, "subprocess", InProcess)
+    scores = tmp_path / "results" / "table4_scores.json"
+    argv = [
+        "--stage", "table4", "--data", "embedded", "--model", "essl_vit_micro_patch7", "--batch-size", "32",
+        "--budget", "0.02", "--lrs", "1e-3", "--seeds", "0", "1", "--tasks", "grid_mask", "denoise",
+        "--out", str(tmp_path / "runs"), "--table4-scores", str(scores),
+    ]  # fmt: skip
+    recipe = tmp_path / "runs" / "recipe.json"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(json.dumps({"0.01": [1, 0.004], "0.1": [1, 0.004]}))
+    accuracy.main(argv)
+    values = json.loads(scores.read_text())
+    rows = {key.split("/")[0] for key in values}
+    assert {"scratch", "energy-grid_mask", "ae-grid_mask", "energy-denoise", "ae-denoise"} <= rows
+    assert len(rows & {"energy-grid_mask-K1", "energy-denoise-K1"}) == 1  # K at the chosen task only
+    assert all(f"/s{seed}/ft0.01" in " ".join(values) for seed in (0, 1))
+    calls = []
+    monkeypatch.setattr(accuracy, "energyssl", lambda *a: calls.append(a))
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(json.dumps({"0.01": [1, 0.004], "0.1": [1, 0.004]}))
+    accuracy.main(argv)
+    assert calls == [] and json.loads(scores.read_text()) == values
+    report = (scores.parent / "table4.md").read_text()
+    assert "| energy-denoise minus ae-denoise | fine-tune 1% |" in report and "Colorization" in report
