@@ -400,18 +400,27 @@ class Scores:
     """The table4 stage's scores, one JSON file: a cell measured once is never measured again,
     and the file is rewritten after each one (so that a kill loses at most the run in progress)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.values: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+    def __init__(self, path: Path, context: dict) -> None:
+        saved = json.loads(path.read_text()) if path.exists() else {"context": context, "scores": {}}
+        if saved["context"] != context:
+            sys.exit(f"{path} holds scores of another setting ({saved['context']}); give another --table4-scores")
+        self.path, self.context, self.values = path, context, saved["scores"]
 
     def get(self, key: str, measure) -> float:  # noqa: ANN001
         if key not in self.values:
             self.values[key] = measure()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.values, indent=1, sort_keys=True) + "\n")
+            text = json.dumps({"context": self.context, "scores": self.values}, indent=1, sort_keys=True)
+            temporary.write_text(text + "\n")
             temporary.replace(self.path)
         return self.values[key]
+
+
+def table4_scores(args: argparse.Namespace) -> Scores:
+    """The scores file, for this data, model, batch and budget only."""
+    context = {"data": args.data, "model": args.model, "batch_size": args.batch_size, "budget": args.budget}
+    return Scores(Path(args.table4_scores), context)
 
 
 def table4_cell(args: argparse.Namespace, scores: Scores, row: str, setting: str, seed: int, metric: str) -> float:
@@ -464,7 +473,7 @@ def stage_table4(args: argparse.Namespace) -> None:
     """The random init, then every row, one pretraining seed at a time (seed 0 of every row
     first), each scored on test (fine-tune 1%, kNN, linear); the energy rows of seed 0 also on
     validation, which picks the task K is varied at."""
-    scores = Scores(Path(args.table4_scores))
+    scores = table4_scores(args)
     for seed in args.seeds:
         for metric in TABLE4_METRICS:
             table4_cell(args, scores, SCRATCH, "random", seed, metric)
@@ -532,8 +541,7 @@ def table4_values(args: argparse.Namespace, scores: dict[str, float], row: str, 
 def table4_section(args: argparse.Namespace) -> list[str]:
     """Our numbers beside the paper's Table 4, paired differences energy minus AE + task at each
     shared task and every row minus the random init, with a verdict where all seeds ran."""
-    file = Path(args.table4_scores)
-    scores = json.loads(file.read_text()) if file.exists() else {}
+    scores = table4_scores(args).values
     rows_seen = sorted({key.split("/")[0] for key in scores}, key=lambda r: (r != SCRATCH, r.startswith("ae"), r))
     n = len(args.seeds)
     head = ["row", "paper's row", "paper top-1", *(METRICS[m] for m in TABLE4_METRICS)]

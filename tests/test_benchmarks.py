@@ -88,6 +88,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
         "--data", "embedded", "--model", "essl_vit_micro_patch7", "--batch-size", "32", "--methods", "energy",
         "--budget", "0.1", "--curve", "0.05", "--lrs", "1e-3", "--seeds", "0", "1", "--epochs-1pct", "2",
         "--epochs-10pct", "1", "--out", str(out), "--results", str(results),
+        "--table4-scores", str(results.parent / "table4_scores.json"), "--tasks", "grid_mask",
     ]  # fmt: skip
     for stage in accuracy.STAGES:
         accuracy.main(["--stage", stage, *argv])
@@ -187,7 +188,7 @@ def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):
     recipe.parent.mkdir(parents=True)
     recipe.write_text(json.dumps({"0.01": [1, 0.004], "0.1": [1, 0.004]}))
     accuracy.main(argv)
-    values = json.loads(scores.read_text())
+    values = json.loads(scores.read_text())["scores"]
     rows = {key.split("/")[0] for key in values}
     assert {"scratch", "energy-grid_mask", "ae-grid_mask", "energy-denoise", "ae-denoise"} <= rows
     assert len(rows & {"energy-grid_mask-K1", "energy-denoise-K1"}) == 1  # K at the chosen task only
@@ -200,6 +201,8 @@ def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):
     recipe.parent.mkdir(parents=True)
     recipe.write_text(json.dumps({"0.01": [1, 0.004], "0.1": [1, 0.004]}))
     accuracy.main(argv)
-    assert calls == [] and json.loads(scores.read_text()) == values
+    assert calls == [] and json.loads(scores.read_text())["scores"] == values
+    with pytest.raises(SystemExit, match="another setting"):
+        accuracy.main([*argv, "--budget", "0.03"])
     report = (scores.parent / "table4.md").read_text()
     assert "| energy-denoise minus ae-denoise | fine-tune 1% |" in report and "Colorization" in report
