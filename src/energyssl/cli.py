@@ -6,6 +6,7 @@ A mistake the user can fix prints one line, ``error: ...``, and exits with statu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -151,10 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(command: str, argv: list[str]) -> Any:
     """The config ``energyssl COMMAND argv`` would run with (benchmarks build runs this way)."""
+    return _resolve(build_parser().parse_args([command, *argv]), _config_commands()[command][0])
+
+
+def _resolve(args: argparse.Namespace, cls: type) -> Any:
+    """The command's config; a resumed pretraining starts from its run's own config.yaml, and
+    only what is given here changes it (what would alter the run is refused)."""
     from .config import resolve
 
-    cls = _config_commands()[command][0]
-    return resolve(build_parser().parse_args([command, *argv]), cls, _flags(command))
+    flags = _flags(args.command)
+    cfg = resolve(args, cls, flags)
+    if args.command != "pretrain" or not cfg.resume:
+        return cfg
+    from .pretrain import resume_changes, run_config_file
+
+    saved_file = run_config_file(cfg)
+    if saved_file is None:
+        return cfg  # no run there: pretrain says so
+    saved = resolve(build_parser().parse_args(["pretrain"]), cls, flags, base=saved_file)
+    cfg = resolve(args, cls, flags, base=saved_file)
+    for line in resume_changes(saved, cfg):
+        if os.environ.get("RANK", "0") == "0":
+            print(line)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.out, "w") as f:
                     f.write(table)
         else:
-            from .config import resolve
-
             cls, run, _, _ = _config_commands()[args.command]
-            run(resolve(args, cls, _flags(args.command)))
+            run(_resolve(args, cls))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

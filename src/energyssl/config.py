@@ -252,13 +252,16 @@ def _set_dotted(
     node[keys[-1]] = value
 
 
-def resolve(args: argparse.Namespace, cls: type[ConfigT], flags: Sequence[Flag] = ()) -> ConfigT:
-    """Defaults, then the YAML file, then ``--set`` values, then explicit flags. The method
-    options in ``flags`` are set in ``method_options`` wherever they are given."""
+def resolve(
+    args: argparse.Namespace, cls: type[ConfigT], flags: Sequence[Flag] = (), base: Path | None = None
+) -> ConfigT:
+    """Defaults, then ``base`` (a resumed run's own config.yaml), then the YAML file, then
+    ``--set`` values, then explicit flags. The method options in ``flags`` are set in
+    ``method_options`` wherever they are given."""
     values: dict[str, Any] = cls().to_dict()
     flag_names = {f.name for f in flags}
-    if args.config:
-        for key, value in load_yaml(args.config, cls, flags).items():
+    for file in [str(base)] * (base is not None) + [args.config] * bool(args.config):
+        for key, value in load_yaml(file, cls, flags).items():
             node = values.setdefault(METHOD_OPTIONS, {}) if key in flag_names else values
             if isinstance(value, dict) and isinstance(node.get(key), dict):
                 node[key] = {**node[key], **value}
@@ -272,7 +275,9 @@ def resolve(args: argparse.Namespace, cls: type[ConfigT], flags: Sequence[Flag] 
     for f in [*fields(cls), *flags]:
         value = getattr(args, f.name, None)
         if value is not None:
-            (values.setdefault(METHOD_OPTIONS, {}) if f.name in flag_names else values)[f.name] = value
+            node = values.setdefault(METHOD_OPTIONS, {}) if f.name in flag_names else values
+            merge = isinstance(value, dict) and isinstance(node.get(f.name), dict)  # as a YAML file's mapping
+            node[f.name] = {**node[f.name], **value} if merge else value
     config = cls(**values)
     check_types(config)
     check_ranges(config)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -34,6 +36,7 @@ class World:
 def init_distributed(device: str = "auto") -> World:
     """Join the process group that ``torchrun`` describes in the environment, if any
     (NCCL on GPUs, gloo on CPUs)."""
+    check_device(device)
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
@@ -45,7 +48,19 @@ def init_distributed(device: str = "auto") -> World:
     return world
 
 
+def check_device(name: str) -> None:
+    """``--device`` names a device this machine has, else one error line naming those it has."""
+    kind, _, index = name.partition(":")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ["auto", "cpu", *(["cuda"] if gpus else []), *(f"cuda:{i}" for i in range(gpus))]
+    if name in ("auto", "cpu") or (kind == "cuda" and gpus and (not index or index.isdigit() and int(index) < gpus)):
+        return
+    why = "no GPU is available here" if kind == "cuda" and not gpus else f"unknown device '{name}'"
+    raise UserError(f"--device {name}: {why}; available: {', '.join(available)}")
+
+
 def resolve_device(name: str, world: World) -> torch.device:
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and world.distributed:

@@ -85,6 +85,40 @@ def run_metadata(
     }
 
 
+# What a resumed run may change: how far it goes, where, in which precision and how it logs
+# (and the method's options it names safe); anything else would make it another run than the
+# one its checkpoints continue.
+SAFE_ON_RESUME = ("max_steps", "time_budget", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp")
+
+
+def run_config_file(cfg: PretrainConfig) -> Path | None:
+    """The config.yaml of the run ``--resume`` continues (its folder, or a checkpoint's parent)."""
+    folder = Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume)
+    found = [f / "config.yaml" for f in (folder, folder.parent) if (f / "config.yaml").is_file()]
+    return found[0] if found else None
+
+
+def resume_changes(saved: PretrainConfig, cfg: PretrainConfig) -> list[str]:
+    """What ``cfg`` changes of the run's own ``saved`` config: a change that would alter the run
+    is one error naming it; the safe ones (:data:`SAFE_ON_RESUME`) are returned, to be said."""
+    old, new = saved.to_dict(), cfg.to_dict()
+    del old["method_options"], new["method_options"]
+    old_options = asdict(method_options(saved.method, saved.method_options))
+    new_options = asdict(method_options(cfg.method, cfg.method_options)) if cfg.method == saved.method else old_options
+    changed = {key: (old[key], new[key]) for key in new if key != "resume" and old[key] != new[key]}
+    changed |= {f"method_options.{key}": (old_options.get(key), new_options.get(key))
+                for key in {*old_options, *new_options} if old_options.get(key) != new_options.get(key)}  # fmt: skip
+    safe = {*SAFE_ON_RESUME, *(f"method_options.{key}" for key in method_class(saved.method).resume_safe)}
+    refused = sorted(key for key in changed if key not in safe)
+    if refused:
+        key = refused[0]
+        raise UserError(
+            f"--resume continues a run made with {key}={changed[key][0]}, not {changed[key][1]}; "
+            f"a resumed run keeps its {', '.join(refused)} (start a new run in another --out to change it)"
+        )
+    return [f"resuming with {key} {new!r} (the run had {old!r})" for key, (old, new) in sorted(changed.items())]
+
+
 def resume_folder(cfg: PretrainConfig) -> Path:
     return ckpt.find_checkpoint(Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume))
 
@@ -282,7 +316,7 @@ def start_run(cfg: PretrainConfig, world: World) -> Run:
     metadata = run_metadata(cfg, setup.method, img_size, info.in_chans, total_batch)
     descriptive = {
         "mean": json.dumps(info.mean), "std": json.dumps(info.std), "frozen": json.dumps(setup.frozen),
-        "val_fraction": str(cfg.val_fraction), **setup.method.metadata(),
+        "val_fraction": str(cfg.val_fraction), "classes": json.dumps(list(info.classes)), **setup.method.metadata(),
     }  # fmt: skip
     if cfg.resume:
         resume(cfg, setup, optimizer, state, metadata, world)

@@ -45,6 +45,7 @@ class DataInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    classes: tuple[str, ...] = ()  # class names in label order
 
 
 class ArrayDataset(Dataset):
@@ -66,22 +67,33 @@ class ArrayDataset(Dataset):
         axes = (0, 1, 2)
         mean = pixels.mean(axis=axes) if chans > 1 else [pixels.mean()]
         std = pixels.std(axis=axes) if chans > 1 else [pixels.std()]
-        return DataInfo(chans, self.images.shape[1], tuple(map(float, mean)), tuple(map(float, std)), self.num_classes)
+        classes = tuple(str(i) for i in range(self.num_classes))
+        return DataInfo(chans, self.images.shape[1], tuple(map(float, mean)), tuple(map(float, std)), self.num_classes,
+                        classes)  # fmt: skip
 
 
 class ImageFolderDataset(Dataset):
     """Class-per-subfolder images, or a flat folder of unlabeled images (label -1).
 
-    Unreadable files are skipped with a count at scan time; they never stop a run.
+    Unreadable files are skipped with a count at scan time; they never stop a run. ``classes``
+    (the training split's, for an evaluation split) fixes the label of each class name, so that
+    a split lacking a class numbers the others as training did; a class it adds is refused.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, classes: list[str] | None = None) -> None:
         self.root, self.split = root, str(root)
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         flat = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        self.classes = [d.name for d in subdirs if any(_images_in(d))] if not flat else []
+        found = [] if flat else class_folders(root)
+        if classes is not None and classes:
+            unknown = [name for name in found if name not in classes]
+            if unknown:
+                raise UserError(
+                    f"{root} has class folder(s) the training split lacks: {', '.join(unknown)} "
+                    f"(training classes: {', '.join(classes)})"
+                )
+        self.classes = list(classes) if classes else found
         candidates = [(p, -1) for p in flat] + [
-            (p, i) for i, name in enumerate(self.classes) for p in _images_in(root / name)
+            (p, self.classes.index(name)) for name in found for p in _images_in(root / name)
         ]
         self.samples = [(p, label) for p, label in candidates if _readable(p)]
         self.skipped = len(candidates) - len(self.samples)
@@ -130,7 +142,12 @@ class ImageFolderDataset(Dataset):
         chans = 1 if self._mode == "L" else 3
         # Folders hold images of any size: normalise with timm's ImageNet defaults (0.5 for grey).
         mean, std = ((0.5,), (0.5,)) if chans == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        return DataInfo(chans, self._size, mean, std, self.num_classes)
+        return DataInfo(chans, self._size, mean, std, self.num_classes, tuple(self.classes))
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of a class-per-subfolder split: its subfolders holding images, sorted."""
+    return [d.name for d in sorted(p for p in root.iterdir() if p.is_dir()) if any(_images_in(d))]
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -266,7 +283,7 @@ def load_dataset(
         found = [path / s for s in splits if (path / s).is_dir()]
         if not found:  # never read the split folders themselves as classes
             raise UserError(f"{path} has train/ but no test/ or val/ split")
-        return ImageFolderDataset(found[0])
+        return ImageFolderDataset(found[0], None if train else class_folders(path / "train"))
     return ImageFolderDataset(path).held_out_split(train, val_fraction)
 
 

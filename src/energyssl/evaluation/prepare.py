@@ -56,6 +56,8 @@ def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
     the validation split carved from the training labels, or the test split."""
     if cfg.eval_split not in EVAL_SPLITS:
         raise UserError(f"eval_split must be val or test, got '{cfg.eval_split}'")
+    if not 0 < cfg.label_fraction <= 1:
+        raise UserError(f"label_fraction must be in (0, 1] (a share of the training labels), got {cfg.label_fraction}")
     if not 0 <= cfg.val_size < 1 or (cfg.eval_split == "val" and cfg.val_size == 0):
         raise UserError(f"val_size must be in [0, 1) and above 0 with --eval-split val, got {cfg.val_size}")
     train = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
@@ -113,6 +115,7 @@ def results_record(cfg: EvalConfig, setup: EvalSetup, protocol: str, metrics: di
         "dataset": cfg.data,
         "label_fraction": cfg.label_fraction,
         "labeled_images": labeled,
+        "classes": list(setup.data.info.classes),  # names in label order: the training split's
         "eval_split": setup.data.scored_name,
         "seed": cfg.seed,
         "metrics": metrics,

@@ -74,11 +74,14 @@ def method_options(name: str, options: dict[str, Any]) -> Any:
     if unknown:
         valid = ", ".join(known) if known else "none"
         raise UserError(f"unknown option(s) for {name}: {', '.join(unknown)} (valid: {valid})")
+    parsed = cls(**options)
     try:
-        parsed = cls(**options)
         check_types(parsed)
+        for ok, message in parsed.checks() if hasattr(parsed, "checks") else []:
+            if not ok:
+                raise UserError(message)
     except UserError as exc:
-        raise UserError(f"--method-options for {name}: {exc}".replace("config key", "option")) from exc
+        raise UserError(f"{name}: {exc}".replace("config key", "option")) from exc
     return parsed
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vit_tokens import encode, patch_tokens, require_vit
-from .base import BuildContext, Generator, Method, StepOutput
+from .base import BuildContext, Check, Generator, Method, StepOutput, sizes
 from .energy.corruptions import build_corruption
 from .energy.sorting import PatchSorting, edge_masked_patch_tokens
 from .energy.tasks import check_task_parameters, corruption_option, task_option
@@ -27,8 +27,9 @@ class AEOptions:
     decoder_dim: int = 128
     decoder_depth: int = 2
 
-    def __post_init__(self) -> None:
+    def checks(self) -> list[Check]:
         check_task_parameters(self.task, self.corruption)
+        return sizes(self, "decoder_dim", "decoder_depth")
 
 
 class AutoencoderTask(Method):

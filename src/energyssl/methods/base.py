@@ -37,8 +37,8 @@ from ..precision import amp_dtype_for
 from ..rng import Generator
 
 __all__ = [
-    "BuildContext", "Generator", "Method", "NoOptions", "PrecisionChoice", "Results", "StepOutput", "ema_update",
-    "freeze_parameters", "freeze_unreached_parameters", "frozen_copy",
+    "BuildContext", "Check", "Generator", "Method", "NoOptions", "PrecisionChoice", "Results", "StepOutput",
+    "ema_update", "freeze_parameters", "freeze_unreached_parameters", "frozen_copy", "positive", "shares", "sizes",
 ]  # fmt: skip
 
 
@@ -89,6 +89,7 @@ class Method(nn.Module):
     uses_crop_scale: ClassVar[bool] = True  # False: its views crop as its paper does
     shown: ClassVar[tuple[str, ...]] = ()  # keys of its logs shown in the progress bar
     resume_keys: ClassVar[tuple[str, ...]] = ()  # keys of metadata() a resumed run must agree on
+    resume_safe: ClassVar[tuple[str, ...]] = ()  # options a resumed run may change (numerics, figures)
     backbone: nn.Module
 
     @classmethod
@@ -150,6 +151,27 @@ class Method(nn.Module):
 
     def report(self, results: Results) -> None:
         """After the last step, on the main process: the method's own report and figures."""
+
+
+Check = tuple[bool, str]  # (in range, the message when not): what an Options' ``checks()`` returns
+
+
+def sizes(options: Any, *names: str) -> list[Check]:
+    """Options that are unset (the method's default) or at least 1."""
+    values = {name: getattr(options, name) for name in names}
+    return [(v is None or v >= 1, f"{name} must be >= 1, got {v}") for name, v in values.items()]
+
+
+def shares(options: Any, *names: str) -> list[Check]:
+    """Options in [0, 1] (momenta, shares of a run)."""
+    values = {name: getattr(options, name) for name in names}
+    return [(0 <= v <= 1, f"{name} must be in [0, 1], got {v}") for name, v in values.items()]
+
+
+def positive(options: Any, *names: str) -> list[Check]:
+    """Options above 0 (temperatures)."""
+    values = {name: getattr(options, name) for name in names}
+    return [(v > 0, f"{name} must be > 0, got {v}") for name, v in values.items()]
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..vit_tokens import encode, install_sincos_positions, patch_positions, patch_tokens, require_vit
-from .base import Generator, Method, StepOutput
+from .base import Check, Generator, Method, StepOutput, sizes
 from .masked_image import (
     blockwise_split,
     gather,
@@ -57,6 +57,11 @@ class CAEOptions:
     align_weight: float = 2.0
     norm_pix_loss: bool = True
     sincos_positions: bool = True
+
+    def checks(self) -> list[Check]:
+        return [(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
+                (self.align_weight >= 0, f"align_weight must be >= 0, got {self.align_weight}"),
+                *sizes(self, "regressor_depth", "decoder_depth")]  # fmt: skip
 
 class CAE(Method):
     Options = CAEOptions

@@ -27,7 +27,7 @@ from ..data import DataInfo, byol_view
 from ..errors import UserError
 from ..schedules import cosine
 from ..vit_tokens import pooled, require_vit
-from .base import Generator, Method, StepOutput, ema_update, frozen_copy
+from .base import Check, Generator, Method, StepOutput, ema_update, frozen_copy, positive, shares, sizes
 
 
 @dataclass
@@ -44,6 +44,14 @@ class DINOOptions:
     momentum: float = 0.996
     center_momentum: float = 0.9
     norm_last_layer: bool = True
+
+    def checks(self) -> list[Check]:
+        return [
+            *positive(self, "student_temp", "teacher_temp", "warmup_teacher_temp"),
+            *shares(self, "momentum", "center_momentum", "teacher_temp_warmup"),
+            *sizes(self, "out_dim", "hidden_dim", "bottleneck_dim", "local_size"),
+            (self.local_crops >= 0, f"local_crops must be >= 0, got {self.local_crops}"),
+        ]  # fmt: skip
 
 
 class DINOHead(nn.Module):

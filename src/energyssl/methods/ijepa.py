@@ -28,7 +28,7 @@ from torchvision import transforms
 from ..data import DataInfo
 from ..schedules import cosine
 from ..vit_tokens import encode, patch_tokens, require_vit
-from .base import Generator, Method, StepOutput, ema_update, frozen_copy
+from .base import Check, Generator, Method, StepOutput, ema_update, frozen_copy, shares, sizes
 from .masked_image import gather, host_generator
 
 
@@ -42,6 +42,17 @@ class IJEPAOptions:
     predictor_dim: int | None = None  # default: half the encoder's width
     predictor_depth: int | None = None  # default: half the encoder's depth
     momentum: float = 0.996
+
+    def checks(self) -> list[Check]:
+        def interval(name: str, high: float | None = 1.0) -> Check:
+            value = getattr(self, name)
+            ok = len(value) == 2 and 0 < value[0] <= value[1] and (high is None or value[1] <= high)
+            return ok, f"{name} must be two numbers 0 < lo <= hi{'' if high is None else ' <= 1'}, got {value}"
+
+        return [
+            interval("target_scale"), interval("context_scale"), interval("target_aspect", None),
+            *sizes(self, "target_blocks", "min_context", "predictor_dim", "predictor_depth"), *shares(self, "momentum"),
+        ]  # fmt: skip
 
 
 def block_size(grid: tuple[int, int], scale: float, aspect: float) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..vit_tokens import encode, install_sincos_positions, patch_tokens, require_vit
-from .base import Generator, Method, StepOutput
+from .base import Check, Generator, Method, StepOutput, sizes
 from .masked_image import (
     LightDecoder,
     gather,
@@ -32,6 +32,10 @@ class MAEOptions:
     decoder_depth: int | None = None  # default: 2/3 of the encoder's depth
     norm_pix_loss: bool = True
     sincos_positions: bool = True
+
+    def checks(self) -> list[Check]:
+        return [(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
+                *sizes(self, "decoder_dim", "decoder_depth")]  # fmt: skip
 
 class MAE(Method):
     Options = MAEOptions

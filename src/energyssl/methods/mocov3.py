@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..data import DataInfo, byol_view
 from ..schedules import cosine
 from ..vit_tokens import install_sincos_positions, pooled, require_vit
-from .base import Generator, Method, StepOutput, ema_update, frozen_copy
+from .base import Check, Generator, Method, StepOutput, ema_update, frozen_copy, positive, shares, sizes
 
 
 @dataclass
@@ -34,6 +34,9 @@ class MoCoV3Options:
     out_dim: int = 256
     frozen_patch_projection: bool = True
     sincos_positions: bool = True
+
+    def checks(self) -> list[Check]:
+        return [*positive(self, "temperature"), *shares(self, "momentum"), *sizes(self, "mlp_dim", "out_dim")]
 
 
 def mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...config import check_types, option
+from ...config import option
 from ...errors import UserError
-from ..base import BuildContext, Generator, Method, PrecisionChoice, Results, StepOutput
+from ..base import BuildContext, Check, Generator, Method, PrecisionChoice, Results, StepOutput
 from .figures import save_restoration_grid
 from .model import DEFAULT_ALPHA, EnergyModel, non_smooth_layers
 from .precision import InputGradScale, choose_precision
@@ -49,19 +49,17 @@ class EnergyOptions:
     loss: str = option("mse", "restoration loss: mse or smooth_l1", True)
     vis_every: int = option(1, "save a restoration grid every N epochs in restorations/ (0: only at the end)", True)
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        checks = [
+    def checks(self) -> list[Check]:
+        check_task_parameters(self.task, self.corruption)
+        return [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got '{self.loss}'"),
             (self.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}"),
             (self.alpha_init is None or self.alpha_init > 0, f"alpha_init must be > 0, got {self.alpha_init}"),
+            (self.head_init_std > 0, f"head_init_std must be > 0, got {self.head_init_std}"),
+            (self.langevin_std >= 0, f"langevin_std must be >= 0, got {self.langevin_std}"),
             (self.vis_every >= 0, f"vis_every must be >= 0, got {self.vis_every}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        check_task_parameters(self.task, self.corruption)
 
 
 class EnergyMethod(Method):
@@ -70,6 +68,7 @@ class EnergyMethod(Method):
     Options = EnergyOptions
     shown = ("alpha",)
     resume_keys = ("task", "steps")
+    resume_safe = ("grad_mode", "vis_every")  # the same gradient either way (to float rounding); figures
 
     def __init__(self, model: EnergyModel, task: PretextTask, options: EnergyOptions, model_name: str = "") -> None:
         super().__init__()
