@@ -38,7 +38,8 @@ def test_an_evaluation_split_lacking_a_class_keeps_the_training_labels(tmp_path)
 
 def test_a_class_only_the_evaluation_split_has_is_one_error(tmp_path, capsys):
     data = split_folder(tmp_path / "data", {"train": ["x", "y"], "val": ["y", "z"]})
-    assert main(["probe", "--init", "pixels", "--protocol", "knn", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    probe = ["probe", "--init", "pixels", "--protocol", "knn", "--data", str(data)]
+    assert main([*probe, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "class folder(s) the training split lacks: z" in err and len(err.strip().splitlines()) == 1
 
@@ -86,3 +87,90 @@ def test_options_that_cannot_apply_or_are_out_of_range_are_refused(tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A micro ViT pretrained for one step on a small colour folder (flat: unlabeled)."""
+    root = tmp_path_factory.mktemp("colour")
+    for i in range(12):
+        Image.new("RGB", (28, 28), (20 * i, 200 - 10 * i, 90)).save(root / f"{i}.png")
+    run = root / "run"
+    args = ["pretrain", *TINY, "--data", str(root), "--task", "colorize", "--max-steps", "1"]
+    assert main([*args, "--out", str(run)]) == 0
+    return root, run
+
+
+def test_restore_psnr_counts_only_the_images_the_corruption_changed(colour_run, tmp_path, capsys):
+    """Colorizing a grey image leaves it as it was (PSNR infinite, capped at 100 dB): it used to be
+    averaged in, giving 58.8 dB for a 17.6 dB image and a grey one."""
+    root, run = colour_run
+    Image.new("L", (28, 28), 128).save(tmp_path / "grey.png")
+    out = tmp_path / "restore"
+    assert main(["restore", "--init", str(run), "--task", "colorize", "--images", str(root / "3.png"),
+                 str(tmp_path / "grey.png"), "--out", str(out)]) == 0  # fmt: skip
+    row = json.loads((out / "restoration.json").read_text())["psnr"]["colorize"]
+    assert row["images"] == 1 and row["unchanged"] == 1 and row["psnr_corrupted"] < 60
+    assert "1 image(s) it leaves as they were not counted" in capsys.readouterr().out
+
+
+def test_a_flat_folder_is_described_as_images_not_classes(colour_run, capsys):
+    root, _ = colour_run
+    assert "a fixed 10% of the images of" in load_dataset(str(root), train=False).split
+
+
+def test_every_class_of_a_tiny_folder_gets_a_held_out_image(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("L", (28, 28), 50 * i).save(tmp_path / name / f"{i}.png")
+    held = load_dataset(str(tmp_path), train=False)
+    assert sorted(label for _, label in held.samples) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["restore", "--init", "RUN", "--count", "2000"], "--count must be <= 100"),
+        (["restore", "--init", "RUN", "--task", "nonsense"], "or none (restore images as given)"),
+        (["pretrain", "--set", "corruption.gridmask.ratio=0.5"], "unknown task 'gridmask' (did you mean 'grid_mask'?)"),
+        (["pretrain", "--task", "grid_mask", "--set", "corruption.grid_mask.ratoi=0.5"], "known: cell, ratio"),
+    ],
+)  # fmt: skip
+def test_messages_name_what_to_do(colour_run, tmp_path, capsys, args, message):
+    args = [str(colour_run[1]) if a == "RUN" else a for a in args]
+    assert main([*args, "--out", str(tmp_path / "o"), *(["--max-steps", "1"] if args[0] == "pretrain" else [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_and_summaries_say_what_they_mean(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "essl_vit_micro_patch7" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "alpha" not in capsys.readouterr().out.split("--weight-decay")[1].split("--amp")[0]
+    assert main(["probe", "--init", "pixels", "--protocol", "knn", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "(raw pixels)" in out and "| 100% of labels |" in out
+
+
+def test_energy_of_a_sorting_run_corrupts_with_a_pixel_task(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--task", "sorting", "--max-steps", "1", "--out", str(run)]) == 0
+    assert main(["energy", "--init", str(run), "--count", "8", "--out", str(tmp_path / "e")]) == 0
+    assert "corrupting with grid_mask" in capsys.readouterr().out
+
+
+def test_plot_draws_only_what_was_logged(tmp_path, capsys):
+    """A one-step run is a dot; a fine-tune's metrics (no alpha) get no empty alpha panel; a
+    folder with nothing to draw is one error."""
+    from energyssl.visualize import save_curves
+
+    fig_path = save_curves(tmp_path / "one.png", {"run": [{"step": 1, "loss": 0.5, "lr": 1e-3}]})
+    assert fig_path.stat().st_size > 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"step": 1, "top1": 50.0}) + "\n")
+    assert main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "e.png")]) == 2
+    assert "nothing to plot" in capsys.readouterr().err

@@ -45,7 +45,7 @@ class CommonConfig:
     model: str = _opt(
         "essl_vit_mini_patch7",
         "timm model name or energyssl preset "
-        "(essl_vit_tiny_patch4, essl_vit_mini_patch7, essl_resnet_tiny, essl_convnext_tiny)",
+        "(essl_vit_tiny_patch4, essl_vit_mini_patch7, essl_vit_micro_patch7, essl_resnet_tiny, essl_convnext_tiny)",
     )
     val_fraction: float = _opt(
         0.1, "share of each class held out for evaluation in a folder without test/ or val/ (fixed, never trained on)"
@@ -61,7 +61,7 @@ class CommonConfig:
     lr: float | None = _opt(None, "absolute learning rate (overrides blr)")
     min_lr: float = _opt(0.0, "learning rate at the end of the cosine decay")
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
-    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases, alpha)")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to norms, biases and other 1-d parameters)")
     amp: str = _opt("auto", "mixed precision: auto (bf16 on a GPU that supports it, else off), bf16, fp16, none")
     num_workers: int | None = _opt(
         None, "data loader worker processes (default: 0 on a CPU; on a GPU, the CPUs per GPU process, at most 8)"

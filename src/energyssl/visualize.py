@@ -11,6 +11,8 @@ from matplotlib.figure import Figure
 from .errors import UserError
 from .metrics import read_metrics
 
+CURVE_KEYS = ("loss", "alpha", "momentum", "lr")  # drawn where a run logged them
+
 
 def save_figure(fig: Figure, path: Path, top_inches: float = 0.0) -> Path:
     """Lay out (keeping ``top_inches`` free for a title) and write a PNG."""
@@ -20,8 +22,12 @@ def save_figure(fig: Figure, path: Path, top_inches: float = 0.0) -> Path:
     return path
 
 
-def save_curves(path: Path, runs: dict[str, list[dict]], keys: Sequence[str] = ("loss", "alpha", "lr")) -> Path:
-    """One panel per metric against the step, one line per run."""
+def save_curves(path: Path, runs: dict[str, list[dict]], keys: Sequence[str] = CURVE_KEYS) -> Path:
+    """One panel per metric some run logged, against the step, one line per run (a run of one
+    logged step is a dot)."""
+    keys = [key for key in keys if any(key in r for records in runs.values() for r in records)]
+    if not keys:
+        raise UserError(f"nothing to plot: no run logged any of {', '.join(CURVE_KEYS)}")
     fig = Figure(figsize=(4.5 * len(keys), 3.5))
     axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
@@ -29,7 +35,7 @@ def save_curves(path: Path, runs: dict[str, list[dict]], keys: Sequence[str] = (
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, label=name)
+                ax.plot(steps, values, label=name, marker="o" if len(points) == 1 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
         if key == "loss":

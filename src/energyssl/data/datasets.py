@@ -117,7 +117,7 @@ class ImageFolderDataset(Dataset):
         held: set[int] = set()
         for label in sorted({label for _, label in self.samples}):
             members = [i for i, (_, lab) in enumerate(self.samples) if lab == label]
-            count = round(fraction * len(members))
+            count = max(round(fraction * len(members)), int(len(members) > 1))  # each class is evaluated
             held.update(members[j] for j in torch.randperm(len(members), generator=generator)[:count].tolist())
         if not held and len(self.samples) > 1:
             held = {len(self.samples) - 1}
@@ -126,7 +126,8 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"{self.root} holds too few images to keep {fraction:.0%} apart for evaluation")
         part = copy.copy(self)
         part.samples = kept
-        part.split = f"{'all but ' if train else ''}a fixed {fraction:.0%} of each class of {self.root}"
+        of = "of each class" if self.classes else "of the images"
+        part.split = f"{'all but ' if train else ''}a fixed {fraction:.0%} {of} of {self.root}"
         return part
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:

@@ -39,6 +39,8 @@ def loaders(cfg: FinetuneConfig, data: EvalData, device: torch.device) -> tuple[
     batch = min(cfg.batch_size, len(data.train) // 2 * 2)
     if batch < 2:
         raise UserError(f"only {len(data.train)} labeled image(s): raise --label-fraction")
+    if batch < cfg.batch_size:  # said, not silent: the lr (blr x batch / 256) shrinks with it
+        print(f"only {len(data.train)} labeled images: batch {cfg.batch_size} -> {batch}, and the lr with it")
     workers, pin = loader_workers(cfg.num_workers, device, World()), device.type == "cuda"
     augment = finetune_transform(data.info, data.img_size, tuple(cfg.crop_scale), cfg.randaug)
     train = TransformedDataset(data.train, augment)

@@ -186,10 +186,8 @@ def probe(cfg: ProbeConfig) -> dict:
     cache = setup.out / ("tokens.safetensors" if tokens else "features.safetensors")
     feats = cached_features(model, loaders, device, tokens, cache, key)
     train_x, train_y, test_x, test_y = feats["train_x"], feats["train_y"], feats["test_x"], feats["test_y"]
-    print(
-        f"{cfg.protocol} probe of {setup.model_name} ({setup.init.path or 'random init'}): "
-        f"{len(train_x)} train / {len(test_x)} test"
-    )
+    source = setup.init.path or ("raw pixels" if cfg.init == "pixels" else "random init")
+    print(f"{cfg.protocol} probe of {setup.model_name} ({source}): {len(train_x)} train / {len(test_x)} test")
 
     if cfg.protocol == "knn":
         scores = knn_predict(train_x, train_y, test_x, cfg.knn_k, cfg.knn_temperature, classes)

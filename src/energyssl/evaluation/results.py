@@ -60,10 +60,16 @@ def write_results(out: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def label_share(fraction: float) -> str:
+    """A label fraction as people say it: 1% of labels, 100% of labels."""
+    return f"{100 * fraction:g}%"
+
+
 def summary_line(record: dict[str, Any]) -> str:
     metrics = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items() if isinstance(v, float))
     return (
-        f"{record['protocol']} | {record['model']} | {record['dataset']} | labels {record['label_fraction']:g} "
+        f"{record['protocol']} | {record['model']} | {record['dataset']} "
+        f"| {label_share(record['label_fraction'])} of labels "
         f"| seed {record['seed']} | {metrics} | {record['wall_time_s']:.0f} s"
     )
 
@@ -91,7 +97,8 @@ def report(paths: list[str]) -> str:
             scored = r["config"].get("eval_split", "test")
             rows.append(
                 f"| {f.parent.name} | {r['protocol']} | {r['model']} | {init} | {r['dataset']} | "
-                f"{r['label_fraction']:g} | {r['seed']} | {scored} | {m['top1']:.2f} | {_fmt(m.get('top1_best'))} | "
+                f"{label_share(r['label_fraction'])} | {r['seed']} | {scored} | {m['top1']:.2f} | "
+                f"{_fmt(m.get('top1_best'))} | "
                 f"{_fmt(m.get('top5'))} | {r['wall_time_s']:.0f} |"
             )
         except (KeyError, ValueError, TypeError):

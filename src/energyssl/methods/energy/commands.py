@@ -15,10 +15,12 @@ from ... import checkpoint as ckpt
 from ...data import HELD_OUT_FRACTION, DataInfo, eval_transform, load_held_out
 from ...errors import UserError
 from ...models import create_backbone
-from .corruptions import Corruption
+from .corruptions import TASKS, Corruption
 from .figures import auroc, psnr, save_energy_histogram, save_restoration_grid, to_pixels
 from .model import EnergyModel
-from .tasks import PixelTask, pixel_corruption, restoration_blocks
+from .tasks import SORTING, PixelTask, pixel_corruption, restoration_blocks
+
+MAX_RESTORE = 100  # images per restore figure: 1,000 rows passed Pillow's size limit
 
 
 @dataclass
@@ -86,6 +88,8 @@ def dataset_images(spec: str, loaded: LoadedEnergyModel, count: int, foreign: bo
     """The first ``count`` test images of a dataset (all images of a ``foreign`` folder), converted
     to the model's channels and size."""
     dataset = load_held_out(spec, whole_folder=foreign, val_fraction=loaded.val_fraction)
+    if count > len(dataset):
+        print(f"{spec}: {len(dataset)} images to take from, not {count}")
     mode = "L" if loaded.in_chans == 1 else "RGB"
     chans = len(dataset[0][0].getbands())  # the first image's; ``info`` would compute the data's statistics
     if chans != loaded.in_chans:
@@ -119,19 +123,16 @@ def restore(
     seed: int,
 ) -> dict:
     """Corrupt (unless ``task`` is 'none') and restore images; save the grid and PSNRs."""
+    if task != "none" and task not in (*TASKS, SORTING):
+        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}, or none (restore images as given)")
+    if count > MAX_RESTORE:
+        raise UserError(f"--count must be <= {MAX_RESTORE} (one figure row per image and task), got {count}")
     loaded = load_energy_model(init)
     steps = steps or loaded.steps
     clean = read_images(images, loaded) if images else dataset_images(data or "embedded", loaded, count)
     corruptions: dict[str, Corruption | None] = {"none": None} if task == "none" else corruptions_for(task, loaded)
     blocks = restoration_blocks(loaded.model, corruptions, clean, steps, seed)
-    report = {}
-    for name, (corrupted, restored, original) in blocks.items():
-        if original is not None:
-            ref = to_pixels(original, loaded.mean, loaded.std)
-            report[name] = {
-                "psnr_corrupted": psnr(to_pixels(corrupted, loaded.mean, loaded.std), ref).mean().item(),
-                "psnr_restored": psnr(to_pixels(restored[-1], loaded.mean, loaded.std), ref).mean().item(),
-            }
+    report = {name: psnr_row(block, loaded) for name, block in blocks.items() if block[2] is not None}
     names = [Path(f).name for f in images] if images else None
     title = f"K={steps} steps"
     grid = save_restoration_grid(out / "restoration.png", blocks, loaded.mean, loaded.std, title=title, names=names)
@@ -141,8 +142,25 @@ def restore(
     (out / "restoration.json").write_text(json.dumps(record, indent=2))
     print(f"saved {grid}")
     for name, row in report.items():
-        print(f"  {name:<18} PSNR corrupted {row['psnr_corrupted']:.2f} dB -> restored {row['psnr_restored']:.2f} dB")
+        if row["images"] == 0:
+            print(f"  {name:<18} leaves every image as it was: nothing to restore")
+            continue
+        left = f" ({row['unchanged']} image(s) it leaves as they were not counted)" if row["unchanged"] else ""
+        before, after = row["psnr_corrupted"], row["psnr_restored"]
+        print(f"  {name:<18} PSNR corrupted {before:.2f} dB -> restored {after:.2f} dB{left}")
     return report
+
+
+def psnr_row(block: tuple, loaded: LoadedEnergyModel) -> dict:
+    """Mean PSNR of the corrupted and the restored images against the originals, over the images
+    the corruption changed (colorization leaves a grey image as it was: its PSNR is infinite)."""
+    corrupted, restored, original = (to_pixels(x, loaded.mean, loaded.std) for x in (block[0], block[1][-1], block[2]))
+    changed = (corrupted != original).flatten(1).any(dim=1)
+    row: dict = {"images": int(changed.sum()), "unchanged": int((~changed).sum())}
+    if changed.any():
+        row["psnr_corrupted"] = psnr(corrupted[changed], original[changed]).mean().item()
+        row["psnr_restored"] = psnr(restored[changed], original[changed]).mean().item()
+    return row
 
 
 @torch.no_grad()
@@ -155,6 +173,10 @@ def energy_scores(
 ) -> dict:
     """Energy histograms of real, corrupted and one-step-restored images (and a second dataset)."""
     loaded = load_energy_model(init)
+    own = pixel_corruption(loaded.task, loaded.corruption, loaded.in_chans, loaded.mean, loaded.std)
+    if task is None and own is None:
+        print(f"the run's task ({loaded.task}) corrupts no pixels: corrupting with grid_mask (--task to choose)")
+        task = "grid_mask"
     task = task or loaded.task
     real = dataset_images(data, loaded, count)
     corrupted = corruption_for(task, loaded)(real, torch.Generator().manual_seed(seed))

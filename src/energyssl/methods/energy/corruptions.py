@@ -7,6 +7,7 @@ Masked pixels are set to 0, the dataset mean in normalised space.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -262,7 +263,7 @@ def task_corruptions(corruption: Corruption, task: str) -> dict[str, Corruption]
 
 
 def _construct(cls: type[Corruption], task: str, kwargs: dict[str, Any]) -> Corruption:
-    fields = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(kwargs) - fields
     if unknown:
         raise UserError(

@@ -9,6 +9,7 @@ rows of the restoration figures.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from ...config import option
 from ...errors import UserError
 from ...rng import Generator, uniform
 from ...vit_tokens import install_sincos_positions, require_vit
-from .corruptions import Corruption, build_corruption, task_corruptions, tasks_in_use
+from .corruptions import TASKS, Corruption, build_corruption, task_corruptions, tasks_in_use
 from .model import EnergyModel, Restoration
 from .sorting import PatchSorting, shuffle_and_sort, sorting_report
 
@@ -50,6 +51,11 @@ def check_task_parameters(task: str, params: Any) -> None:
     """``params`` is a mapping whose every key names a task ``task`` draws from."""
     if not isinstance(params, dict):
         raise UserError("corruption must be a mapping of task name to parameters")
+    unknown = sorted(set(params) - {*TASKS, SORTING})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [*TASKS, SORTING], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; tasks: {', '.join([*TASKS, SORTING])}"
+        raise UserError(f"corruption parameters for an unknown task '{unknown[0]}'{hint}")
     unused = sorted(set(params) - tasks_in_use(task, params))
     if unused:
         raise UserError(f"corruption parameters for {', '.join(unused)} do not apply to task {task}")
