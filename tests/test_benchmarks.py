@@ -2,6 +2,7 @@
 benchmarks are not part of the test suite)."""
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -172,12 +173,31 @@ def test_budgets_count_the_flops_of_the_flags_given():
     assert 1.8 < two / one < 2.2
 
 
+class FakeRuns:
+    """Stands in for ``subprocess`` where a stage's logic is tested, not its training: a
+    pretraining leaves a backbone file, an evaluation a results.json whose top-1 is a fixed
+    function of its folder (so choices are deterministic)."""
+
+    STDOUT = subprocess.STDOUT
+
+    @staticmethod
+    def call(command, stdout, stderr):  # noqa: ANN001, ANN205
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if command[3] == "pretrain":
+            (out / "backbone.safetensors").write_bytes(b"")
+        else:
+            top1 = int(hashlib.sha256(str(out).encode()).hexdigest(), 16) % 1000 / 10
+            (out / "results.json").write_text(json.dumps({"metrics": {"top1": top1}}))
+        return 0
+
+
 def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):
     """The paper's Table 4 at a tiny scale: the random init, energy and AE + task at each shared
     task, then K=1 and K=4 at the task validation chose; every score lands in the scores file,
     a second call (a fresh checkout: no runs folder) measures nothing again, and the report
     pairs energy with AE + task by seed."""
-    monkeypatch.setattr(accuracy, "subprocess", InProcess)
+    monkeypatch.setattr(accuracy, "subprocess", FakeRuns)
     scores = tmp_path / "results" / "table4_scores.json"
     argv = [
         "--stage", "table4", "--data", "embedded", "--model", "essl_vit_micro_patch7", "--batch-size", "32",

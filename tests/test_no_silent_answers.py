@@ -72,7 +72,7 @@ def test_a_device_this_machine_lacks_is_one_error(tmp_path, capsys, command, dev
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["finetune", "--label-fraction", "1.5"], "label_fraction must be in (0, 1]"),
+        (["finetune", "--label-fraction", "1.5"], "label fraction must be in (0, 1]"),
         (["pretrain", "--method", "mocov3", "--steps", "3"], "--steps does not apply to mocov3"),
         (["pretrain", "--method", "dino", "--langevin-std", "0.1", "--alpha-init", "3"],
          "--alpha-init, --langevin-std do not apply to dino"),
@@ -174,3 +174,18 @@ def test_plot_draws_only_what_was_logged(tmp_path, capsys):
     (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"step": 1, "top1": 50.0}) + "\n")
     assert main(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "e.png")]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_its_gradient_mode_is_the_runs_not_asked(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--task", "grid_mask", "--max-steps", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(as the resumed run chose)" in out and "as asked" not in out
+
+
+def test_finetune_says_when_a_small_subset_shrinks_its_batch(tmp_path, capsys):
+    args = ["finetune", "--model", "essl_vit_micro_patch7", "--label-fraction", "0.005", "--epochs", "1"]
+    assert main([*args, "--no-tensorboard", "--out", str(tmp_path / "ft")]) == 0
+    assert "only 20 labeled images: batch 64 -> 20, and the lr with it" in capsys.readouterr().out

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .index import index_folder
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 HELD_OUT_FRACTION = 0.1  # of a folder without its own test/ or val/ split, kept for evaluation
@@ -95,16 +96,15 @@ class ImageFolderDataset(Dataset):
         candidates = [(p, -1) for p in flat] + [
             (p, self.classes.index(name)) for name in found for p in _images_in(root / name)
         ]
-        self.samples = [(p, label) for p, label in candidates if _readable(p)]
+        index = index_folder(root, [p for p, _ in candidates]) if candidates else None
+        if index is None:
+            raise UserError(f"no readable images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        self.samples = [sample for sample, ok in zip(candidates, index.readable, strict=True) if ok]
         self.skipped = len(candidates) - len(self.samples)
         self.num_classes = len(self.classes)
-        if not self.samples:
-            raise UserError(f"no readable images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         if self.skipped:
             print(f"warning: skipped {self.skipped} unreadable image(s) in {root}")
-        first = Image.open(self.samples[0][0])
-        self._mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"
-        self._size = min(first.size)
+        self._mode, self._size = index.mode, index.size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -153,15 +153,6 @@ def class_folders(root: Path) -> list[str]:
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
-        return False  # not an image, truncated, or so large that decoding it could exhaust memory
 
 
 def _read_idx(path: Path) -> np.ndarray:

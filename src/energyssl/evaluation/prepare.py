@@ -57,7 +57,7 @@ def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
     if cfg.eval_split not in EVAL_SPLITS:
         raise UserError(f"eval_split must be val or test, got '{cfg.eval_split}'")
     if not 0 < cfg.label_fraction <= 1:
-        raise UserError(f"label_fraction must be in (0, 1] (a share of the training labels), got {cfg.label_fraction}")
+        raise UserError(f"label fraction must be in (0, 1] (a share of the training labels), got {cfg.label_fraction}")
     if not 0 <= cfg.val_size < 1 or (cfg.eval_split == "val" and cfg.val_size == 0):
         raise UserError(f"val_size must be in [0, 1) and above 0 with --eval-split val, got {cfg.val_size}")
     train = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
