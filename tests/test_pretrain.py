@@ -347,3 +347,46 @@ def test_every_preset_learns_in_20_steps_from_init(tmp_path, model):
     ratios = [r["loss"] / r["corrupted_loss"] for r in records]
     assert len(ratios) == 20 and all(math.isfinite(r) for r in ratios)
     assert sum(ratios[-5:]) < sum(ratios[:5])
+
+
+def test_accumulating_two_micro_batches_makes_the_step_of_one_twice_as_large(tmp_path):
+    """--accum-iter 2 at batch 8 trains the parameters batch 16 trains (no BatchNorm, and a
+    corruption without randomness: super-resolution), up to float rounding; the schedule counts
+    optimizer steps and the logged loss is the micro-batches' mean."""
+    from safetensors.torch import load_file
+
+    base = ["pretrain", "--model", "essl_vit_micro_patch7", "--task", "super_resolution", "--grad-mode", "exact"]
+    base += ["--max-steps", "4", "--log-every", "1", "--no-tensorboard", "--epochs", "1"]
+    assert main([*base, "--batch-size", "16", "--out", str(tmp_path / "big")]) == 0
+    assert main([*base, "--batch-size", "8", "--accum-iter", "2", "--out", str(tmp_path / "accum")]) == 0
+    big, accum = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("big", "accum"))
+    assert [r["step"] for r in accum] == [1, 2, 3, 4] and [r["lr"] for r in accum] == [r["lr"] for r in big]
+    assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in big], rel=1e-4)
+    one, two = (load_file(tmp_path / name / "backbone.safetensors") for name in ("big", "accum"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+def test_accumulated_gradients_equal_the_large_batchs():
+    """Two micro-batches of 8 give the gradient of one batch of 16 (each loss divided by their
+    number): plain SGD, which unlike AdamW would show a factor of 2, moves the parameters alike."""
+    import copy
+
+    from energyssl import create_backbone
+    from energyssl.distributed import World
+    from energyssl.engine import accumulated_step
+    from energyssl.methods import method_for
+    from energyssl.precision import Precision
+
+    torch.manual_seed(0)
+    method = method_for("energy", create_backbone("essl_vit_micro_patch7"), task="super_resolution", steps=1,
+                        grad_mode="exact")  # fmt: skip
+    other = copy.deepcopy(method)
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(0)
+    halves = [([images[:8]], generator), ([images[8:]], generator)]
+    for model, batches in ((method, [([images], generator)]), (other, halves)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        accumulated_step(model, batches, optimizer, Precision(), None, World(), 0)
+    for (name, p), q in zip(method.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7, msg=name)

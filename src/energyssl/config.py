@@ -94,6 +94,10 @@ class PretrainConfig(CommonConfig):
         "stop after this many minutes of training steps; the lr schedule then follows the share of the budget "
         "spent, shaped as if it were --epochs epochs (which still cap the run)",
     )
+    accum_iter: int = _opt(
+        1, "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
+        "accum_iter, and the lr and the schedule's steps follow it"
+    )
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,7 @@ class LoopSettings:
     seed: int = 0
     clip_grad: float | None = None
     max_steps: int | None = None
+    accum_iter: int = 1  # micro-batches per optimizer step
     log_every: int = 10
     save_every: int = 0
     on_log: Callable[[dict[str, float]], None] | None = None  # called on every process (records average)
@@ -81,21 +83,26 @@ def train_one_epoch(
     ``stop_asked`` became true on any process; returns whether it stopped so."""
     method.train()
     clock = loop.clock
-    bar = tqdm(loader, desc=f"epoch {state.epoch}", disable=not loop.world.is_main, dynamic_ncols=True, leave=False)
+    steps = len(loader) // loop.accum_iter
+    bar = tqdm(grouped(loader, loop.accum_iter), total=steps, desc=f"epoch {state.epoch}",
+               disable=not loop.world.is_main, dynamic_ncols=True, leave=False)  # fmt: skip
     meter = Throughput()
     step_start = meter.tick
-    for views, _ in bar:  # a step's time includes loading its batch
+    for micro_batches in bar:  # a step's time includes loading its batches
         if budget_spent(state, loop.max_steps, clock.time_budget):
             break
         lr = loop.lr(clock, state)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        views = [v.to(loop.device, non_blocking=True) for v in views]
-        generator = step_generator(loop.seed, loop.world.rank, state.step, loop.device)
-        out = train_step(method, views, generator, optimizer, loop.precision, loop.clip_grad, loop.world, state.step)
+        batches = [
+            ([v.to(loop.device, non_blocking=True) for v in views],
+             step_generator(loop.seed, loop.world.rank, state.step * loop.accum_iter + k, loop.device))
+            for k, (views, _) in enumerate(micro_batches)
+        ]  # fmt: skip
+        out = accumulated_step(method, batches, optimizer, loop.precision, loop.clip_grad, loop.world, state.step)
         state.step += 1
         state.skipped += out is None
-        meter.seen += views[0].shape[0]
+        meter.seen += sum(views[0].shape[0] for views, _ in batches)
         state.elapsed += time.perf_counter() - step_start
         if clock.time_budget is not None:  # every process must stop at the same step
             state.elapsed = max_across(state.elapsed, loop.world)
@@ -110,6 +117,17 @@ def train_one_epoch(
             return True
     bar.close()
     return False
+
+
+def grouped(loader: Iterable, size: int) -> Iterator[list]:
+    """Consecutive groups of ``size`` batches (the micro-batches of one step); a last, smaller
+    group is dropped, as the loader drops a last, smaller batch."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 @dataclass
@@ -151,18 +169,48 @@ def train_step(
     world: World,
     step: int,
 ) -> StepOutput | None:
-    """One optimizer step. Returns None when the method skips a non-finite step (a loss scale
-    of its own backed off, as GradScaler skips steps whose parameter gradients overflow)."""
-    with precision.autocast(views[0].device):
-        out = method(views, generator)
-    finite = all_finite(out.loss, world)
-    if unwrap(method).skip_step(finite):
-        return None
-    if not finite:
-        raise NonFiniteLoss(f"loss is {out.loss.item()} at step {step}")
+    """One optimizer step on one batch (see :func:`accumulated_step`)."""
+    return accumulated_step(method, [(views, generator)], optimizer, precision, clip_grad, world, step)
+
+
+def accumulated_step(
+    method: nn.Module,
+    batches: list[tuple[list[torch.Tensor], torch.Generator]],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    clip_grad: float | None,
+    world: World,
+    step: int,
+) -> StepOutput | None:
+    """One optimizer step on the gradients of several micro-batches (each one's loss divided by
+    their number, so N micro-batches of B images make the step of one batch of N x B; DDP
+    synchronises on the last only). Returns the micro-batches' mean loss and logs, or None when
+    the method skips a non-finite step (a loss scale of its own backed off, as GradScaler skips
+    steps whose parameter gradients overflow)."""
     optimizer.zero_grad(set_to_none=True)
-    precision.backward_and_step(out.loss, optimizer, clip_grad, method.parameters())
-    return out
+    outs = []
+    for index, (views, generator) in enumerate(batches):
+        last = index == len(batches) - 1
+        with nullcontext() if last or not hasattr(method, "no_sync") else method.no_sync():
+            with precision.autocast(views[0].device):
+                out = method(views, generator)
+            finite = all_finite(out.loss, world)
+            if unwrap(method).skip_step(finite):
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            if not finite:
+                raise NonFiniteLoss(f"loss is {out.loss.item()} at step {step}")
+            precision.backward(out.loss if len(batches) == 1 else out.loss / len(batches))
+        outs.append(out)
+    precision.step(optimizer, clip_grad, method.parameters())
+    return outs[0] if len(outs) == 1 else mean_output(outs)
+
+
+def mean_output(outs: list[StepOutput]) -> StepOutput:
+    """The mean loss and logs of micro-batches (detached: they are only logged)."""
+    loss = torch.stack([out.loss.detach() for out in outs]).mean()
+    logs = {key: sum(_number(out.logs[key]) for out in outs) / len(outs) for key in outs[0].logs}
+    return StepOutput(loss, logs)
 
 
 def step_record(

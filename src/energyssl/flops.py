@@ -60,9 +60,8 @@ def pretrain_step_flops(cfg: PretrainConfig, device: torch.device | None = None)
     setup = setup_model(cfg, dataset.info, img_size, [view[:8] for view in batch], device, World())
     optimizer = torch.optim.AdamW([p for p in setup.method.parameters() if p.requires_grad], lr=0.0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return count_flops(
-        lambda: train_step(setup.method, batch, generator, optimizer, setup.precision, None, World(), 0)
-    )
+    step = lambda: train_step(setup.method, batch, generator, optimizer, setup.precision, None, World(), 0)  # noqa: E731
+    return count_flops(step) * cfg.accum_iter  # a step is accum_iter micro-batches
 
 
 def supervised_step_flops(

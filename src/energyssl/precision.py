@@ -48,10 +48,20 @@ class Precision:
         self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: float | None = None,
         parameters: Iterable[nn.Parameter] = (),
     ) -> None:  # fmt: skip
-        """Backward, optional gradient clipping, optimizer step; under fp16 through GradScaler
-        (unscaled before clipping), which skips a step whose gradients overflow."""
+        """Backward, then :meth:`step`."""
+        self.backward(loss)
+        self.step(optimizer, clip_grad, parameters)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` added to the parameters' (scaled by GradScaler under fp16)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, clip_grad: float | None = None, parameters: Iterable[nn.Parameter] = ()
+    ) -> None:
+        """Optional gradient clipping, optimizer step; under fp16 through GradScaler (unscaled
+        before clipping), which skips a step whose gradients overflow."""
         scaler = self.scaler
-        (loss if scaler is None else scaler.scale(loss)).backward()
         if clip_grad is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)

@@ -47,6 +47,7 @@ def validate(cfg: PretrainConfig) -> None:
         (cfg.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got '{cfg.amp}'"),
         (cfg.time_budget is None or cfg.time_budget > 0, f"time_budget must be > 0 minutes, got {cfg.time_budget}"),
         (len(cfg.crop_scale) == 2, f"crop_scale must be two numbers, got {cfg.crop_scale}"),
+        (cfg.accum_iter >= 1, f"accum_iter must be >= 1, got {cfg.accum_iter}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -206,9 +207,10 @@ def training_data(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    if len(loader) == 0:
+    if len(loader) < cfg.accum_iter:
         raise UserError(
-            f"{len(train_set)} images cannot fill one batch of {cfg.batch_size} per process; lower --batch-size"
+            f"{len(train_set)} images cannot fill {cfg.accum_iter} batch(es) of {cfg.batch_size} per process; "
+            "lower --batch-size or --accum-iter"
         )
     return train_set, sampler, loader
 
@@ -279,7 +281,8 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.loader)
+        """Optimizer steps: each takes ``accum_iter`` of the loader's batches."""
+        return len(self.loader) // self.cfg.accum_iter
 
     @property
     def last_step(self) -> int:
@@ -309,7 +312,7 @@ def start_run(cfg: PretrainConfig, world: World) -> Run:
     img_size = cfg.img_size or info.img_size
     train_set, sampler, loader = training_data(cfg, dataset, info, img_size, world, device)
     setup = setup_model(cfg, info, img_size, example_views(train_set, device), device, world)
-    total_batch = cfg.batch_size * world.size
+    total_batch = cfg.batch_size * world.size * cfg.accum_iter
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(setup.model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95))
     state = TrainState()
@@ -324,7 +327,7 @@ def start_run(cfg: PretrainConfig, world: World) -> Run:
     if world.distributed:
         ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(setup.method, device_ids=ids)
-    clock, lr = schedules(cfg, base_lr, len(loader))
+    clock, lr = schedules(cfg, base_lr, len(loader) // cfg.accum_iter)
     run = Run(cfg, world, device, out, info, img_size, sampler, loader, setup, optimizer, state, clock, lr, metadata,
               descriptive, trained)  # fmt: skip
     if world.is_main:
@@ -375,7 +378,8 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
     cfg, state = run.cfg, run.state
     run.sampler.set_epoch(state.epoch)
     done = state.step - state.epoch * run.steps_per_epoch
-    loader = _skip_batches(run.loader, run.sampler, done * cfg.batch_size) if done else run.loader
+    skip = done * cfg.batch_size * cfg.accum_iter
+    loader = _skip_batches(run.loader, run.sampler, skip) if done else run.loader
 
     def log(record: dict[str, float]) -> None:  # every process computes the record: it averages across them
         if run.logger is not None:
@@ -383,7 +387,8 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
 
     loop = LoopSettings(
         run.world, run.device, run.clock, run.lr, run.setup.precision, cfg.seed, cfg.clip_grad, run.last_step,
-        cfg.log_every, cfg.save_every, on_log=log, on_checkpoint=lambda: save(run), stop_asked=lambda: stop.asked,
+        cfg.accum_iter, cfg.log_every, cfg.save_every, on_log=log, on_checkpoint=lambda: save(run),
+        stop_asked=lambda: stop.asked,
     )  # fmt: skip
     return train_one_epoch(run.trained, loader, run.optimizer, state, loop)
 
@@ -419,7 +424,7 @@ def finish(run: Run) -> Path:
         run.setup.method.report(run.results())
         kwargs = backbone_kwargs(cfg.model, run.img_size, run.info.in_chans, cfg.patch_size)
         ckpt.export_backbone(export_path, run.setup.method.backbone, cfg.model, kwargs)
-        seen = run.state.step * cfg.batch_size * run.world.size
+        seen = run.state.step * cfg.batch_size * run.world.size * cfg.accum_iter
         print(f"done at step {run.state.step} ({seen} images, {run.state.elapsed:.0f} s); "
               f"backbone exported to {export_path}")  # fmt: skip
     return export_path
