@@ -37,7 +37,7 @@ def counted(original, before):
 def die(*_):
     os.kill(os.getpid(), signal.SIGKILL)
 if mode == "step":
-    engine.train_step = counted(engine.train_step, die)
+    engine.accumulated_step = counted(engine.accumulated_step, die)
 elif mode == "publish":
     ckpt.atomic_write = counted(ckpt.atomic_write, die)
 else:
