@@ -15,12 +15,12 @@ from ...config import option
 from ...errors import UserError
 from ..base import BuildContext, Check, Generator, Method, PrecisionChoice, Results, StepOutput
 from .figures import save_restoration_grid
-from .model import DEFAULT_ALPHA, EnergyModel, non_smooth_layers
+from .model import DEFAULT_ALPHA, GRAD_MODES, EnergyModel, non_smooth_layers
 from .precision import InputGradScale, choose_precision
 from .tasks import PretextTask, build_task, check_task_parameters, corruption_option, task_option
 
 LOSSES = ("mse", "smooth_l1")
-GRAD_MODES = ("auto", "exact", "fast")
+GRAD_MODE_CHOICES = ("auto", *GRAD_MODES)
 GRID_IMAGES = 4  # held-out images per task in the restoration figures
 
 
@@ -54,7 +54,7 @@ class EnergyOptions:
         return [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got '{self.loss}'"),
-            (self.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}"),
+            (self.grad_mode in GRAD_MODE_CHOICES, f"grad_mode is one of {GRAD_MODE_CHOICES}, not {self.grad_mode}"),
             (self.alpha_init is None or self.alpha_init > 0, f"alpha_init must be > 0, got {self.alpha_init}"),
             (self.head_init_std > 0, f"head_init_std must be > 0, got {self.head_init_std}"),
             (self.langevin_std >= 0, f"langevin_std must be >= 0, got {self.langevin_std}"),
