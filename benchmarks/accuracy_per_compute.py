@@ -501,7 +501,9 @@ def write_table4(args: argparse.Namespace) -> None:
         f"supervised epochs of FLOPs, batch {args.batch_size}; energy rows at K=2 (fast gradient) and base lr "
         f"{args.energy_blr:g} (the sweep's choice on validation), AE rows at the lr their own grid chose on "
         f"validation; test top-1, mean ± sd over pretraining seeds {', '.join(map(str, args.seeds))}. The paper's "
-        "numbers are ImageNet-1K top-1 after 100 epochs of pretraining and of fine-tuning a ViT-S/16.",
+        "numbers are ImageNet-1K top-1 after 100 epochs of pretraining and of fine-tuning a ViT-S/16. "
+        f"Regenerate (and continue): `python benchmarks/accuracy_per_compute.py --stage table4`; a cell with "
+        "fewer seeds than asked says so.",
         "",
     ]
     path.write_text("\n".join([*intro, *table4_section(args)]) + "\n")
