@@ -135,6 +135,10 @@ class FinetuneConfig(EvalConfig):
     cutmix: float = _opt(1.0, "cutmix alpha (0 disables)")
     randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
     crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
+    accum_iter: int = _opt(
+        1, "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x accum_iter, "
+        "and the lr and the schedule's steps follow it"
+    )
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
     eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
     out: str = _opt("runs/finetune", "output folder: results.json, metrics.jsonl, config.yaml")

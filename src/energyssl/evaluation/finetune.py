@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..config import FinetuneConfig
 from ..data import TransformedDataset, eval_transform, finetune_transform
 from ..distributed import World, loader_workers
+from ..engine import grouped
 from ..errors import UserError
 from ..metrics import MetricsLogger
 from ..precision import Precision, amp_dtype_for
@@ -81,26 +82,37 @@ class Trainer:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
     def epoch(self, loader: DataLoader, epoch: int) -> None:
+        """Optimizer steps of ``accum_iter`` micro-batches each (each loss divided by their number)."""
         self.model.train()
-        for images, targets in tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True):
+        accum = self.cfg.accum_iter
+        steps = tqdm(grouped(loader, accum), total=len(loader) // accum, desc=f"epoch {epoch}", leave=False,
+                     dynamic_ncols=True)  # fmt: skip
+        for micro_batches in steps:
             if self.done:
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
-            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
-            with self.precision.autocast(self.device):
-                loss = self.criterion(self.model(images), targets)
-            if not torch.isfinite(loss):
-                raise UserError(f"fine-tuning loss is {loss.item()} at step {self.step}; lower --blr")
             self.optimizer.zero_grad(set_to_none=True)
-            self.precision.backward_and_step(loss, self.optimizer)
+            losses = [self.backward(images, targets, accum) for images, targets in micro_batches]
+            self.precision.step(self.optimizer)
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step)
             self.step += 1
             if self.step % self.cfg.log_every == 0:
-                self.logger.log(self.step, {"epoch": epoch, "loss": loss.item(), "lr": self.lr_at(self.step - 1)})
+                loss = losses[0] if accum == 1 else sum(losses) / accum
+                self.logger.log(self.step, {"epoch": epoch, "loss": loss, "lr": self.lr_at(self.step - 1)})
+
+    def backward(self, images: torch.Tensor, targets: torch.Tensor, accum: int) -> float:
+        """One micro-batch's loss, backpropagated (divided by the step's number of them)."""
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.precision.autocast(self.device):
+            loss = self.criterion(self.model(images), targets)
+        if not torch.isfinite(loss):
+            raise UserError(f"fine-tuning loss is {loss.item()} at step {self.step}; lower --blr")
+        self.precision.backward(loss if accum == 1 else loss / accum)
+        return loss.item()
 
     def score(self, loader: DataLoader) -> dict[str, float]:
         metrics = evaluate_classifier(self.model, loader, self.device)
@@ -119,8 +131,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     setup = prepare(cfg, drop_path_rate=cfg.drop_path)
     device, data, model = setup.device, setup.data, setup.model
     train_loader, scored_loader = loaders(cfg, data, device)
-    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * train_loader.batch_size / 256
-    steps = len(train_loader)
+    if not 1 <= cfg.accum_iter <= len(train_loader):
+        raise UserError(f"accum_iter must be in [1, {len(train_loader)}] (an epoch's batches), got {cfg.accum_iter}")
+    total_batch = train_loader.batch_size * cfg.accum_iter
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * total_batch / 256
+    steps = len(train_loader) // cfg.accum_iter
     lr_at = partial(warmup_cosine, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=int(cfg.warmup_epochs * steps),
                     total_steps=cfg.epochs * steps)  # fmt: skip
     trainer = Trainer(
