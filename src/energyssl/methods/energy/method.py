@@ -28,26 +28,32 @@ GRID_IMAGES = 4  # held-out images per task in the restoration figures
 class EnergyOptions:
     task: str = task_option()
     corruption: dict = corruption_option()
-    steps: int = option(1, "restoration steps K (1 gave the best accuracy per compute, benchmarks/RESULTS.md)", True)
+    steps: int = option(
+        1, "restoration steps K (1 gave the best accuracy per compute, benchmarks/RESULTS.md)", flag=True
+    )
     grad_mode: str = option(
         "auto",
         "parameter gradient of the energy objective: exact (double backward), fast (finite difference of two "
         "backward passes; float32, smooth backbones such as ViTs and ConvNeXts), or auto (fast float32 on CPUs, "
         "exact bf16 on GPUs, exact for kinked backbones; printed at start with the reason)",
-        True,
+        flag=True,
     )
     alpha_init: float | None = option(
         None,
         "initial step size alpha (learned, kept positive); default: set on the first batch so that the first "
         "step covers half the corruption (dE/dx shrinks as images grow)",
-        True,
+        flag=True,
     )
     head_init_std: float = option(
         10.0, "energy head init: std * 1/sqrt(features); larger starts with a usable dE/dx", True
     )
-    langevin_std: float = option(0.0, "std of Gaussian noise added at each restoration step (Langevin style)", True)
-    loss: str = option("mse", "restoration loss: mse or smooth_l1", True)
-    vis_every: int = option(1, "save a restoration grid every N epochs in restorations/ (0: only at the end)", True)
+    langevin_std: float = option(
+        0.0, "std of Gaussian noise added at each restoration step (Langevin style)", flag=True
+    )
+    loss: str = option("mse", "restoration loss: mse or smooth_l1", flag=True)
+    vis_every: int = option(
+        1, "save a restoration grid every N epochs in restorations/ (0: only at the end)", flag=True
+    )
 
     def checks(self) -> list[Check]:
         check_task_parameters(self.task, self.corruption)
