@@ -43,7 +43,7 @@ from energyssl import EnergyModel, create_backbone
 from energyssl.cli import main as cli
 from energyssl.data import load_dataset
 from energyssl.distributed import World
-from energyssl.engine import train_step
+from energyssl.engine import accumulated_step
 from energyssl.flops import count_flops
 from energyssl.methods import method_for
 from energyssl.methods.base import freeze_unreached_parameters
@@ -158,7 +158,7 @@ def method_step(method: str, scale: Scale, precision: Precision) -> tuple[Callab
         model = method_for(method, backbone, 3, MEAN, STD).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator(device=device).manual_seed(0)
-    return lambda: train_step(model, [images], generator, optimizer, precision, None, World(), 0), model
+    return lambda: accumulated_step(model, [([images], generator)], optimizer, precision, None, World(), 0), model
 
 
 def step_costs(scale: Scale, ceiling: float) -> list[dict[str, Any]]:

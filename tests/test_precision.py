@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_vit
 from energyssl.cli import main
 from energyssl.distributed import World
-from energyssl.engine import train_step
+from energyssl.engine import accumulated_step
 from energyssl.methods.base import freeze_unreached_parameters
 from energyssl.methods.energy import EnergyMethod
 from energyssl.methods.energy.precision import InputGradScale, choose_precision
@@ -42,7 +42,8 @@ def _fp16_step(scale: float):
     method.input_scale.scale = scale
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
     before = model.head.weight.detach().clone()
-    out = train_step(method, [images], torch.Generator().manual_seed(1), optimizer, precision, None, World(), 0)
+    batch = ([images], torch.Generator().manual_seed(1))
+    out = accumulated_step(method, [batch], optimizer, precision, None, World(), 0)
     return out, method, not torch.equal(before, model.head.weight)
 
 

@@ -164,9 +164,15 @@ def _default(f: Field) -> Any:
     return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def _typed_fields(cls: type) -> list[tuple[Field, Any]]:
+def flags_of(cls: type, marked_only: bool = False) -> list[Flag]:
+    """The fields of a config or options dataclass as flags (only those made with
+    ``option(..., flag=True)`` when ``marked_only``)."""
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in fields(cls)]
+    return [
+        Flag(f.name, hints[f.name], _default(f), f.metadata["help"])
+        for f in fields(cls)
+        if not marked_only or f.metadata.get("flag")
+    ]
 
 
 class Flag(NamedTuple):
@@ -219,8 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[ConfigT], flags: Se
         metavar="KEY=VALUE",
         help="set any key, dotted for nested ones (value parsed as YAML), e.g. corruption.grid_mask.ratio=0.5",
     )
-    own_flags = [Flag(f.name, hint, _default(f), f.metadata["help"]) for f, hint in _typed_fields(cls)]
-    for f in [*own_flags, *flags]:
+    for f in [*flags_of(cls), *flags]:
         flag = "--" + f.name.replace("_", "-")
         # a help that explains its default keeps it; others get the value
         help_text = f.help if "default" in f.help else f"{f.help} (default: {f.default})"
@@ -270,11 +275,7 @@ def resolve(
     flag_names = {f.name for f in flags}
     for file in [str(base)] * (base is not None) + [args.config] * bool(args.config):
         for key, value in load_yaml(file, cls, flags).items():
-            node = values.setdefault(METHOD_OPTIONS, {}) if key in flag_names else values
-            if isinstance(value, dict) and isinstance(node.get(key), dict):
-                node[key] = {**node[key], **value}
-            else:
-                node[key] = value
+            _put(values, key, value, flag_names)
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -283,13 +284,18 @@ def resolve(
     for f in [*fields(cls), *flags]:
         value = getattr(args, f.name, None)
         if value is not None:
-            node = values.setdefault(METHOD_OPTIONS, {}) if f.name in flag_names else values
-            merge = isinstance(value, dict) and isinstance(node.get(f.name), dict)  # as a YAML file's mapping
-            node[f.name] = {**node[f.name], **value} if merge else value
+            _put(values, f.name, value, flag_names)
     config = cls(**values)
     check_types(config)
     check_ranges(config)
     return config
+
+
+def _put(values: dict[str, Any], key: str, value: Any, flag_names: set[str]) -> None:
+    """Set ``key`` (a method option given as a flag: in ``method_options``); a mapping is merged
+    into the one already there, as a YAML file's mapping is."""
+    node = values.setdefault(METHOD_OPTIONS, {}) if key in flag_names else values
+    node[key] = {**node[key], **value} if isinstance(value, dict) and isinstance(node.get(key), dict) else value
 
 
 def check_types(config: Any) -> None:

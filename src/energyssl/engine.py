@@ -159,20 +159,6 @@ def log_step(
         loop.on_checkpoint()
 
 
-def train_step(
-    method: nn.Module,
-    views: list[torch.Tensor],
-    generator: torch.Generator,
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    clip_grad: float | None,
-    world: World,
-    step: int,
-) -> StepOutput | None:
-    """One optimizer step on one batch (see :func:`accumulated_step`)."""
-    return accumulated_step(method, [(views, generator)], optimizer, precision, clip_grad, world, step)
-
-
 def accumulated_step(
     method: nn.Module,
     batches: list[tuple[list[torch.Tensor], torch.Generator]],

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import flop_registry
 from .config import PretrainConfig
 from .data import load_dataset
 from .distributed import World
-from .engine import train_step
+from .engine import accumulated_step
 from .models import create_backbone, default_patch_size
 
 
@@ -60,7 +60,7 @@ def pretrain_step_flops(cfg: PretrainConfig, device: torch.device | None = None)
     setup = setup_model(cfg, dataset.info, img_size, [view[:8] for view in batch], device, World())
     optimizer = torch.optim.AdamW([p for p in setup.method.parameters() if p.requires_grad], lr=0.0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    step = lambda: train_step(setup.method, batch, generator, optimizer, setup.precision, None, World(), 0)  # noqa: E731
+    step = lambda: accumulated_step(setup.method, [(batch, generator)], optimizer, setup.precision, None, World(), 0)  # noqa: E731
     return count_flops(step) * cfg.accum_iter  # a step is accum_iter micro-batches
 
 

@@ -7,13 +7,12 @@ in ``REGISTRY``; the energy method, this project's own, is the package :mod:`.en
 from __future__ import annotations
 
 import importlib
-import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
-from ..config import Flag, check_types
+from ..config import Flag, check_types, flags_of
 from ..errors import UserError
 from .base import BuildContext, Method, StepOutput
 
@@ -47,13 +46,9 @@ def method_flags() -> list[Flag]:
     flags: dict[str, Flag] = {}
     users: dict[str, list[str]] = {}
     for name in METHODS:
-        options = method_class(name).Options
-        hints = typing.get_type_hints(options)
-        for f in fields(options):
-            if f.metadata.get("flag"):
-                default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-                flags.setdefault(f.name, Flag(f.name, hints[f.name], default, f.metadata["help"]))
-                users.setdefault(f.name, []).append(name)
+        for flag in flags_of(method_class(name).Options, marked_only=True):
+            flags.setdefault(flag.name, flag)
+            users.setdefault(flag.name, []).append(name)
     return [flag._replace(help=f"({', '.join(users[flag.name])}) {flag.help}") for flag in flags.values()]
 
 
