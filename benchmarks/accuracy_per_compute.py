@@ -184,6 +184,7 @@ def finetune(args: argparse.Namespace, init: str, folder: Path, fraction: float,
     if top1(folder) is None:
         flags = ["--init", init, "--data", args.data, "--label-fraction", str(fraction), "--eval-split", split]
         flags += ["--seed", str(seed), "--epochs", str(epochs), "--blr", str(blr), "--eval-every", str(epochs)]
+        flags += ["--resume"] if (folder / "latest").exists() else []  # a stage stopped midway goes on
         energyssl(args, ["finetune", *flags, *FINETUNE_FLAGS, *model_flag(args, init)], folder)
     return top1(folder)  # type: ignore[return-value]
 
@@ -547,8 +548,15 @@ def table4_section(args: argparse.Namespace) -> list[str]:
     rows_seen = sorted({key.split("/")[0] for key in scores}, key=lambda r: (r != SCRATCH, r.startswith("ae"), r))
     n = len(args.seeds)
     head = ["row", "paper's row", "paper top-1", *(METRICS[m] for m in TABLE4_METRICS)]
-    results = [[row, PAPER_NAMES.get(row, "-"), score(PAPER_TABLE4.get(row)),
-                *(mean_sd(table4_values(args, scores, row, m), n) for m in TABLE4_METRICS)] for row in rows_seen]
+    results = [
+        [
+            row,
+            PAPER_NAMES.get(row, "-"),
+            score(PAPER_TABLE4.get(row)),
+            *(mean_sd(table4_values(args, scores, row, m), n) for m in TABLE4_METRICS),
+        ]
+        for row in rows_seen
+    ]
     pairs = [(f"energy-{t}", f"ae-{t}") for t in tasks(args, AE_TASKS)]
     pairs += [(row, SCRATCH) for row in rows_seen if row != SCRATCH]
     differences = []

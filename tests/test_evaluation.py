@@ -85,7 +85,7 @@ def test_finetune_from_pretrained_and_from_scratch(pretrained, tmp_path):
         evaluated = [row["epoch"] for row in read_metrics(out / "metrics.jsonl") if f"{split}_top1" in row]
         assert evaluated == ([3, 5] if every == 4 else list(range(6)))  # every N epochs, and the last
         r = _results(out)
-        assert r["metrics"]["top1"] > 30.0 and "top5" in r["metrics"]
+        assert r["metrics"]["top1"] > 18.0 and "top5" in r["metrics"]  # 10 classes: chance is 10
         if split == "val":  # the epoch to keep is chosen on validation, never on test
             assert r["metrics"]["top1_best"] >= r["metrics"]["top1"] and 0 <= r["metrics"]["best_epoch"] < 6
         else:
@@ -205,3 +205,13 @@ def test_finetune_accumulating_two_micro_batches_matches_one_batch_twice_as_larg
     assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in big], rel=1e-4)
     top1 = [json.loads((tmp_path / n / "results.json").read_text())["metrics"]["top1"] for n in ("big", "accum")]
     assert top1[0] == pytest.approx(top1[1], abs=0.2)
+
+
+def test_knn_in_chunks_scores_as_in_one():
+    """The chunk bounds memory (one chunk's similarities at a time) and changes no score."""
+    generator = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(50, 8, generator=generator), torch.randn(23, 8, generator=generator)
+    train_y = torch.randint(0, 4, (50,), generator=generator)
+    whole = knn_predict(train_x, train_y, test_x, k=5, temperature=0.1, classes=4)
+    assert torch.allclose(knn_predict(train_x, train_y, test_x, 5, 0.1, 4, chunk=4), whole)
+    assert whole.shape == (23, 4) and (whole.sum(1) > 0).all()

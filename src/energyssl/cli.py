@@ -155,23 +155,30 @@ def parse_config(command: str, argv: list[str]) -> Any:
     return _resolve(build_parser().parse_args([command, *argv]), _config_commands()[command][0])
 
 
+def _resume_changes(command: str) -> Callable[[Any, Any], list[str]]:
+    """The command's check of what a resumed run may change of its own config."""
+    if command == "pretrain":
+        from .pretrain import resume_changes
+    else:
+        from .evaluation.finetune import resume_changes
+    return resume_changes
+
+
 def _resolve(args: argparse.Namespace, cls: type) -> Any:
-    """The command's config; a resumed pretraining starts from its run's own config.yaml, and
-    only what is given here changes it (what would alter the run is refused)."""
-    from .config import resolve
+    """The command's config; a resumed run starts from its own config.yaml, and only what is
+    given here changes it (what would alter the run is refused)."""
+    from .config import resolve, run_config_file
 
     flags = _flags(args.command)
     cfg = resolve(args, cls, flags)
-    if args.command != "pretrain" or not cfg.resume:
+    if not getattr(cfg, "resume", None):
         return cfg
-    from .pretrain import resume_changes, run_config_file
-
-    saved_file = run_config_file(cfg)
+    saved_file = run_config_file(cfg.out, cfg.resume)
     if saved_file is None:
-        return cfg  # no run there: pretrain says so
-    saved = resolve(build_parser().parse_args(["pretrain"]), cls, flags, base=saved_file)
+        return cfg  # no run there: the command says so
+    saved = resolve(build_parser().parse_args([args.command]), cls, flags, base=saved_file)
     cfg = resolve(args, cls, flags, base=saved_file)
-    for line in resume_changes(saved, cfg):
+    for line in _resume_changes(args.command)(saved, cfg):
         if os.environ.get("RANK", "0") == "0":
             print(line)
     return cfg

@@ -8,7 +8,7 @@ import argparse
 import difflib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -95,8 +95,9 @@ class PretrainConfig(CommonConfig):
         "spent, shaped as if it were --epochs epochs (which still cap the run)",
     )
     accum_iter: int = _opt(
-        1, "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
-        "accum_iter, and the lr and the schedule's steps follow it"
+        1,
+        "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
+        "accum_iter, and the lr and the schedule's steps follow it",
     )
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
@@ -136,12 +137,17 @@ class FinetuneConfig(EvalConfig):
     randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
     crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
     accum_iter: int = _opt(
-        1, "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x accum_iter, "
-        "and the lr and the schedule's steps follow it"
+        1,
+        "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
+        "accum_iter, and the lr and the schedule's steps follow it",
     )
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
     eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
-    out: str = _opt("runs/finetune", "output folder: results.json, metrics.jsonl, config.yaml")
+    save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
+    resume: str | None = _opt(
+        None, "resume from a checkpoint folder, or 'auto' for the latest in --out (the flag alone)"
+    )
+    out: str = _opt("runs/finetune", "output folder: checkpoints, results.json, metrics.jsonl, config.yaml")
 
 
 @dataclass
@@ -337,6 +343,28 @@ def check_ranges(config: CommonConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def run_config_file(out: str, resume: str) -> Path | None:
+    """The config.yaml of the run ``--resume`` continues (its folder, or a checkpoint's parent)."""
+    folder = Path(out) if resume == "auto" else Path(resume)
+    found = [f / "config.yaml" for f in (folder, folder.parent) if (f / "config.yaml").is_file()]
+    return found[0] if found else None
+
+
+def refuse_changes(old: dict[str, Any], new: dict[str, Any], safe: Collection[str]) -> list[str]:
+    """What ``new`` changes of a resumed run's own config ``old``: a change that would make it
+    another run than the one its checkpoints continue is one error naming it; the ``safe`` ones
+    (how far it goes, where, how it logs) are returned as lines to print."""
+    changed = {key: (old.get(key), new.get(key)) for key in {*old, *new} - {"resume"} if old.get(key) != new.get(key)}
+    refused = sorted(key for key in changed if key not in safe)
+    if refused:
+        key = refused[0]
+        raise UserError(
+            f"--resume continues a run made with {key}={changed[key][0]}, not {changed[key][1]}; "
+            f"a resumed run keeps its {', '.join(refused)} (start a new run in another --out to change it)"
+        )
+    return [f"resuming with {key} {new!r} (the run had {old!r})" for key, (old, new) in sorted(changed.items())]
 
 
 def save_yaml(config: CommonConfig, path: Path) -> None:

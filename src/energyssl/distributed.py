@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
 
 from .errors import UserError
 
@@ -91,6 +92,44 @@ def mean_across(value: float, world: World) -> float:
 def max_across(value: float, world: World) -> float:
     """The largest value over processes (so that all stop at the same step)."""
     return _reduce_across(value, world, dist.ReduceOp.MAX) if world.distributed else value
+
+
+def sum_across(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Elementwise sum over processes, in float64 (counts of images stay exact)."""
+    values = values.detach().to(torch.float64)
+    if not world.distributed:
+        return values
+    reduced = values.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(reduced)
+    return reduced.cpu()
+
+
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every process, so that all score one model."""
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)
+
+
+def shard(dataset: Dataset, world: World) -> Dataset:
+    """This process's share of ``dataset`` for scoring: every ``size``-th item from its rank, so
+    that the shards hold each item exactly once (no padding repeats one in the counts)."""
+    return Subset(dataset, range(world.rank, len(dataset), world.size)) if world.distributed else dataset  # type: ignore[arg-type]
+
+
+def gather_shards(values: torch.Tensor, world: World) -> torch.Tensor | None:
+    """On the main process, every process's :func:`shard` of rows put back in dataset order
+    (shard r holds items r, r + size, ...); None on the others."""
+    if not world.distributed:
+        return values
+    parts: list[Any] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(values.cpu(), parts, dst=0)
+    if parts is None:
+        return None
+    whole = values.new_empty((sum(len(part) for part in parts), *values.shape[1:]), device="cpu")
+    for rank, part in enumerate(parts):
+        whole[rank :: world.size] = part
+    return whole
 
 
 def cleanup(world: World) -> None:

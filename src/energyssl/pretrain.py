@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import checkpoint as ckpt
-from .config import PretrainConfig, save_yaml
-from .data import DataInfo, EpochSampler, SeededAugmentation, eval_transform, load_dataset, load_held_out
+from .config import PretrainConfig, refuse_changes, save_yaml
+from .data import DataInfo, EpochSampler, SeededAugmentation, eval_transform, load_dataset, load_held_out, skip_batches
 from .distributed import (
     StopRequest,
     World,
@@ -70,9 +70,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def run_metadata(
-    cfg: PretrainConfig, method: Method, img_size: int, in_chans: int, total_batch: int
-) -> dict[str, str]:
+def run_metadata(cfg: PretrainConfig, method: Method, img_size: int, in_chans: int, total_batch: int) -> dict[str, str]:
     """What a checkpoint must agree on to be resumed or loaded into this model."""
     own = method.metadata()
     return {
@@ -92,32 +90,17 @@ def run_metadata(
 SAFE_ON_RESUME = ("max_steps", "time_budget", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp")
 
 
-def run_config_file(cfg: PretrainConfig) -> Path | None:
-    """The config.yaml of the run ``--resume`` continues (its folder, or a checkpoint's parent)."""
-    folder = Path(cfg.out) if cfg.resume == "auto" else Path(cfg.resume)
-    found = [f / "config.yaml" for f in (folder, folder.parent) if (f / "config.yaml").is_file()]
-    return found[0] if found else None
-
-
 def resume_changes(saved: PretrainConfig, cfg: PretrainConfig) -> list[str]:
-    """What ``cfg`` changes of the run's own ``saved`` config: a change that would alter the run
-    is one error naming it; the safe ones (:data:`SAFE_ON_RESUME`) are returned, to be said."""
+    """What ``cfg`` changes of the run's own ``saved`` config, the method's options by name: a
+    change that would alter the run is refused, the safe ones returned to be said."""
     old, new = saved.to_dict(), cfg.to_dict()
-    del old["method_options"], new["method_options"]
-    old_options = asdict(method_options(saved.method, saved.method_options))
-    new_options = asdict(method_options(cfg.method, cfg.method_options)) if cfg.method == saved.method else old_options
-    changed = {key: (old[key], new[key]) for key in new if key != "resume" and old[key] != new[key]}
-    changed |= {f"method_options.{key}": (old_options.get(key), new_options.get(key))
-                for key in {*old_options, *new_options} if old_options.get(key) != new_options.get(key)}  # fmt: skip
+    old_options = asdict(method_options(saved.method, old.pop("method_options")))
+    given = new.pop("method_options")  # read under another method only when the method is kept
+    new_options = asdict(method_options(cfg.method, given)) if cfg.method == saved.method else old_options
+    old |= {f"method_options.{key}": value for key, value in old_options.items()}
+    new |= {f"method_options.{key}": value for key, value in new_options.items()}
     safe = {*SAFE_ON_RESUME, *(f"method_options.{key}" for key in method_class(saved.method).resume_safe)}
-    refused = sorted(key for key in changed if key not in safe)
-    if refused:
-        key = refused[0]
-        raise UserError(
-            f"--resume continues a run made with {key}={changed[key][0]}, not {changed[key][1]}; "
-            f"a resumed run keeps its {', '.join(refused)} (start a new run in another --out to change it)"
-        )
-    return [f"resuming with {key} {new!r} (the run had {old!r})" for key, (old, new) in sorted(changed.items())]
+    return refuse_changes(old, new, safe)
 
 
 def resume_folder(cfg: PretrainConfig) -> Path:
@@ -346,8 +329,7 @@ def announce(run: Run, images: int, source: str, base_lr: float) -> None:
     settings = "".join(SHOWN[key].format(value) for key, value in setup.method.metadata().items() if key in SHOWN)
     print(
         f"pretraining {cfg.model} ({sum(p.numel() for p in setup.model.parameters()) / 1e6:.2f}M params) with "
-        f"{cfg.method} on {images} images of {source}{settings}"
-        + f", lr {base_lr:.2e}, "
+        f"{cfg.method} on {images} images of {source}{settings}" + f", lr {base_lr:.2e}, "
         f"{run.steps_per_epoch} steps/epoch x {cfg.epochs:g} epochs"
         + ("" if cfg.time_budget is None else f" within {cfg.time_budget:g} min")
         + f", {run.world.size} process(es), {run.device}"
@@ -379,7 +361,7 @@ def train_epoch(run: Run, stop: StopRequest) -> bool:
     run.sampler.set_epoch(state.epoch)
     done = state.step - state.epoch * run.steps_per_epoch
     skip = done * cfg.batch_size * cfg.accum_iter
-    loader = _skip_batches(run.loader, run.sampler, skip) if done else run.loader
+    loader = skip_batches(run.loader, run.sampler, skip) if done else run.loader
 
     def log(record: dict[str, float]) -> None:  # every process computes the record: it averages across them
         if run.logger is not None:
@@ -454,17 +436,3 @@ def held_out_images(cfg: PretrainConfig, info: DataInfo, img_size: int) -> torch
     held_out = load_held_out(cfg.data, val_fraction=cfg.val_fraction)
     transform = eval_transform(info, img_size)
     return torch.stack([transform(held_out[i][0]) for i in range(min(len(held_out), HELD_OUT_IMAGES))])
-
-
-def _skip_batches(loader: DataLoader, sampler: EpochSampler, skip_samples: int) -> DataLoader:
-    """A loader over the same epoch order minus its first ``skip_samples`` indices."""
-    indices = list(iter(sampler))[skip_samples:]
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=indices,
-        num_workers=loader.num_workers,
-        drop_last=True,
-        pin_memory=loader.pin_memory,
-        generator=loader.generator,
-    )

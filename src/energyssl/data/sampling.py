@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class TransformedDataset(Dataset):
@@ -24,9 +26,10 @@ class TransformedDataset(Dataset):
 
 
 class SeededAugmentation(Dataset):
-    """A random transform whose randomness is fixed by (seed, epoch, index), never drawn from the
-    process's random state: a resumed run, and any number of loader workers, see the same crops
-    as the uninterrupted run. Indexed by the (epoch, index) pairs of :class:`EpochSampler`."""
+    """A random transform whose randomness (torch's, numpy's and Python's: timm's RandAugment draws
+    from all three) is fixed by (seed, epoch, index), never drawn from the process's random
+    state: a resumed run, and any number of loader workers, see the same crops as the
+    uninterrupted run. Indexed by the (epoch, index) pairs of :class:`EpochSampler`."""
 
     def __init__(self, dataset: Dataset, transform, seed: int) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -37,9 +40,17 @@ class SeededAugmentation(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image, label = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & (2**63 - 1))
-            return self.transform(image), label
+        seed = hash((self.seed, epoch, index)) & (2**63 - 1)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.transform(image), label
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class EpochSampler(Sampler):
@@ -57,3 +68,18 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+def skip_batches(loader: DataLoader, sampler: EpochSampler, skip_samples: int) -> DataLoader:
+    """A loader over the same epoch order minus its first ``skip_samples`` indices: where a
+    resumed run takes up its epoch."""
+    indices = list(iter(sampler))[skip_samples:]
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=indices,
+        num_workers=loader.num_workers,
+        drop_last=True,
+        pin_memory=loader.pin_memory,
+        generator=loader.generator,
+    )

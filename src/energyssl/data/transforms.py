@@ -57,9 +57,7 @@ def finetune_transform(
 ) -> transforms.Compose:
     """RandomResizedCrop + flip + RandAugment (applied in RGB, so grey images work too)."""
     steps: list = [
-        transforms.RandomResizedCrop(
-            img_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC
-        ),
+        transforms.RandomResizedCrop(img_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
     ]
     if randaug:

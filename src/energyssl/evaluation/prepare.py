@@ -22,6 +22,7 @@ from .results import balanced_subset, dataset_labels
 
 VAL_SEED = 0  # the validation split never moves with --seed: every run is chosen on the same images
 EVAL_SPLITS = ("val", "test")
+MAIN = World()  # a plain python run: one process
 
 
 @dataclass
@@ -51,9 +52,10 @@ def labeled_subset(labels: np.ndarray, rest: np.ndarray, fraction: float, seed: 
     return rest[balanced_subset(labels[rest], share, seed)]
 
 
-def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
+def load_eval_data(cfg: EvalConfig, out: Path, world: World = MAIN) -> EvalData:
     """The labeled subset (indices saved in ``labeled_subset.json``) and the split to score:
-    the validation split carved from the training labels, or the test split."""
+    the validation split carved from the training labels, or the test split. Every process
+    draws the same subset (it depends on the seed only); the main one writes and says."""
     if cfg.eval_split not in EVAL_SPLITS:
         raise UserError(f"eval_split must be val or test, got '{cfg.eval_split}'")
     if not 0 < cfg.label_fraction <= 1:
@@ -64,10 +66,11 @@ def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
     labels = dataset_labels(train)
     val, rest = validation_split(labels, cfg.val_size)
     subset = labeled_subset(labels, rest, cfg.label_fraction, cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "labeled_subset.json").write_text(
-        json.dumps({"label_fraction": cfg.label_fraction, "seed": cfg.seed, "indices": subset.tolist()})
-    )
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "labeled_subset.json").write_text(
+            json.dumps({"label_fraction": cfg.label_fraction, "seed": cfg.seed, "indices": subset.tolist()})
+        )
     if cfg.eval_split == "val":
         scored: Dataset = Subset(train, val.tolist())
         name = f"val: a fixed {cfg.val_size:.0%} of each class of the training labels"
@@ -75,7 +78,8 @@ def load_eval_data(cfg: EvalConfig, out: Path) -> EvalData:
         scored = load_dataset(cfg.data, train=False, val_fraction=cfg.val_fraction)
         dataset_labels(scored)
         name = getattr(scored, "split", f"test split of {cfg.data}")
-    print(f"scored on {name} ({len(scored)} images)")
+    if world.is_main:
+        print(f"scored on {name} ({len(scored)} images)")
     img_size = cfg.img_size or train.info.img_size
     return EvalData(Subset(train, subset.tolist()), scored, name, train.info, img_size, subset, val)
 
@@ -86,6 +90,7 @@ class EvalSetup:
 
     out: Path
     device: torch.device
+    world: World
     data: EvalData
     model: nn.Module
     model_name: str
@@ -93,18 +98,20 @@ class EvalSetup:
     started: float
 
 
-def prepare(cfg: EvalConfig, **model_args: Any) -> EvalSetup:
-    """Seed, load the labeled data, build the classifier from ``--init`` and save the config."""
+def prepare(cfg: EvalConfig, world: World = MAIN, **model_args: Any) -> EvalSetup:
+    """Seed, load the labeled data, build the classifier from ``--init`` (alike on every
+    process) and save the config."""
     started = time.perf_counter()
     out = Path(cfg.out)
-    device = resolve_device(cfg.device, World())
+    device = resolve_device(cfg.device, world)
     seed_everything(cfg.seed)
-    data = load_eval_data(cfg, out)
+    data = load_eval_data(cfg, out, world)
     model, name, init = build_classifier(
         cfg.init, cfg.model, data.info.num_classes, data.info.in_chans, data.img_size, cfg.patch_size, **model_args
     )
-    save_yaml(cfg, out / "config.yaml")
-    return EvalSetup(out, device, data, model.to(device), name, init, started)
+    if world.is_main:
+        save_yaml(cfg, out / "config.yaml")
+    return EvalSetup(out, device, world, data, model.to(device), name, init, started)
 
 
 def results_record(cfg: EvalConfig, setup: EvalSetup, protocol: str, metrics: dict[str, Any], labeled: int) -> dict:

@@ -21,10 +21,10 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write, read_metadata
 from ..config import ProbeConfig
 from ..data import TransformedDataset, eval_transform
-from ..distributed import World, loader_workers
+from ..distributed import World, cleanup, gather_shards, init_distributed, loader_workers, shard
 from ..errors import UserError
 from ..schedules import warmup_cosine
-from .prepare import prepare, results_record
+from .prepare import MAIN, prepare, results_record
 from .results import accuracy_metrics, summary_line, write_results
 
 PROTOCOLS = ("linear", "mlp", "knn", "attentive")
@@ -62,26 +62,39 @@ def extract(model: nn.Module, loader: DataLoader, device: torch.device, tokens: 
 
 
 def cached_features(
-    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, tokens: bool, cache: Path, key: str
-) -> dict[str, Tensor]:
-    """Features of every split, from ``cache`` when it was made for the same ``key``."""
+    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, tokens: bool, cache: Path, key: str,
+    world: World = MAIN,
+) -> dict[str, Tensor] | None:  # fmt: skip
+    """Features of every split, from ``cache`` when it was made for the same ``key``. Under
+    torchrun each process extracts its shard and the main process gathers them, in dataset
+    order (it alone gets the features; the others get None)."""
     if cache.is_file() and read_metadata(cache).get("key") == key:
-        return load_file(str(cache))
+        return load_file(str(cache)) if world.is_main else None
     out: dict[str, Tensor] = {}
     for split, loader in loaders.items():
-        out[f"{split}_x"], out[f"{split}_y"] = extract(model, loader, device, tokens)
+        x, y = extract(model, loader, device, tokens)
+        x, y = gather_shards(x, world), gather_shards(y, world)
+        if x is not None and y is not None:
+            out[f"{split}_x"], out[f"{split}_y"] = x, y
+    if not world.is_main:
+        return None
     atomic_write(cache, lambda p: save_file(out, str(p), metadata={"key": key}))
     return out
 
 
-def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int, temperature: float, classes: int) -> Tensor:
-    """Class scores from the k most cosine-similar training features, weighted by exp(sim / T)."""
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+def knn_predict(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int, temperature: float, classes: int,
+    device: torch.device | str = "cpu", chunk: int = 1024,
+) -> Tensor:  # fmt: skip
+    """Class scores from the k most cosine-similar training features, weighted by exp(sim / T),
+    on ``device``, ``chunk`` test images at a time: memory holds the training features and one
+    chunk's similarities, whatever the size of the test set."""
+    train_x, train_y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device)
     scores = []
-    for chunk in test_x.split(1024):
-        sim, idx = (chunk @ train_x.T).topk(min(k, len(train_x)), dim=1)
-        votes = torch.zeros(len(chunk), classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        scores.append(votes)
+    for part in test_x.split(chunk):
+        sim, idx = (F.normalize(part.to(device).float(), dim=1) @ train_x.T).topk(min(k, len(train_x)), dim=1)
+        votes = torch.zeros(len(part), classes, device=device)
+        scores.append(votes.scatter_add_(1, train_y[idx], (sim / temperature).exp()).cpu())
     return torch.cat(scores)
 
 
@@ -151,19 +164,32 @@ def predict(head: nn.Module, x: Tensor, device: torch.device) -> Tensor:
 
 
 def probe(cfg: ProbeConfig) -> dict:
+    """Run a probe (under torchrun: the features extracted by every process, the head trained
+    and the results written by the main one); returns the record written to results.json."""
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{cfg.protocol}'; choose one of: {', '.join(PROTOCOLS)}")
-    setup = prepare(cfg)
+    world = init_distributed(cfg.device)
+    try:
+        return _probe(cfg, world)
+    finally:
+        cleanup(world)
+
+
+def _probe(cfg: ProbeConfig, world: World) -> dict:
+    setup = prepare(cfg, world)
     device, data, model = setup.device, setup.data, setup.model
     classes = data.info.num_classes
     tokens = cfg.protocol == "attentive"
     if tokens and not has_patch_tokens(model, data.info.in_chans, data.img_size, device):
         raise UserError(f"{setup.model_name} gives no patch tokens for the attentive probe")
     transform = eval_transform(data.info, data.img_size)
-    workers = loader_workers(cfg.num_workers, device, World())
+    workers = loader_workers(cfg.num_workers, device, world)
     loaders = {
         split: DataLoader(
-            TransformedDataset(ds, transform), batch_size=256, num_workers=workers, pin_memory=device.type == "cuda"
+            TransformedDataset(shard(ds, world), transform),
+            batch_size=256,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
         )
         for split, ds in (("train", data.train), ("test", data.scored))
     }
@@ -184,13 +210,15 @@ def probe(cfg: ProbeConfig) -> dict:
         )
     )
     cache = setup.out / ("tokens.safetensors" if tokens else "features.safetensors")
-    feats = cached_features(model, loaders, device, tokens, cache, key)
+    feats = cached_features(model, loaders, device, tokens, cache, key, world)
+    if feats is None:  # not the main process: its share is done
+        return {}
     train_x, train_y, test_x, test_y = feats["train_x"], feats["train_y"], feats["test_x"], feats["test_y"]
     source = setup.init.path or ("raw pixels" if cfg.init == "pixels" else "random init")
     print(f"{cfg.protocol} probe of {setup.model_name} ({source}): {len(train_x)} train / {len(test_x)} test")
 
     if cfg.protocol == "knn":
-        scores = knn_predict(train_x, train_y, test_x, cfg.knn_k, cfg.knn_temperature, classes)
+        scores = knn_predict(train_x, train_y, test_x, cfg.knn_k, cfg.knn_temperature, classes, device)
     else:
         head = train_head(probe_head(cfg.protocol, train_x.shape[-1], classes), train_x, train_y, cfg, device)
         scores = predict(head, test_x, device)

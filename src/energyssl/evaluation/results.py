@@ -112,11 +112,21 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def scored_ks(classes: int) -> tuple[int, ...]:
+    """The top-k accuracies reported: top-5 only where there are more than 5 classes."""
+    return (1, 5) if classes > 5 else (1,)
+
+
 @torch.no_grad()
-def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device) -> dict[str, float]:
+def correct_counts(model: torch.nn.Module, loader, device: torch.device, ks: tuple[int, ...]) -> Tensor:
+    """[images, top-k hits for each k]: sums, so the counts of disjoint shards add up."""
     model.eval()
-    logits, targets = [], []
+    counts = torch.zeros(1 + len(ks), dtype=torch.float64)
     for images, labels in loader:
-        logits.append(model(images.to(device)).float().cpu())
-        targets.append(labels)
-    return accuracy_metrics(torch.cat(logits), torch.cat(targets))
+        hits = topk_correct(model(images.to(device)).float().cpu(), labels, ks)
+        counts += torch.tensor([len(labels), *(hits[k] for k in ks)], dtype=torch.float64)
+    return counts
+
+
+def accuracy_from_counts(counts: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    return {f"top{k}": 100.0 * counts[i + 1].item() / counts[0].item() for i, k in enumerate(ks)}

@@ -49,6 +49,7 @@ class RegressorBlock(nn.Module):
         queries = queries + self.attn(q, k, self.norm_v(context), need_weights=False)[0]
         return queries + self.mlp(self.norm_mlp(queries))
 
+
 @dataclass
 class CAEOptions:
     mask_ratio: float = 75 / 196  # the reference's 75 of 196 patches
@@ -62,6 +63,7 @@ class CAEOptions:
         return [(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
                 (self.align_weight >= 0, f"align_weight must be >= 0, got {self.align_weight}"),
                 *sizes(self, "regressor_depth", "decoder_depth")]  # fmt: skip
+
 
 class CAE(Method):
     Options = CAEOptions

@@ -25,6 +25,7 @@ from .masked_image import (
 
 HEAD_DIM = 32  # MAE's decoder heads: 512 / 16
 
+
 @dataclass
 class MAEOptions:
     mask_ratio: float = 0.75
@@ -36,6 +37,7 @@ class MAEOptions:
     def checks(self) -> list[Check]:
         return [(0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
                 *sizes(self, "decoder_dim", "decoder_depth")]  # fmt: skip
+
 
 class MAE(Method):
     Options = MAEOptions
