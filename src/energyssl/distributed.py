@@ -132,6 +132,12 @@ def gather_shards(values: torch.Tensor, world: World) -> torch.Tensor | None:
     return whole
 
 
+def barrier(world: World) -> None:
+    """Wait until every process gets here (files one process writes are then complete)."""
+    if world.distributed:
+        dist.barrier()
+
+
 def cleanup(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -9,8 +9,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -21,13 +27,14 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write, read_metadata
 from ..config import ProbeConfig
 from ..data import TransformedDataset, eval_transform
-from ..distributed import World, cleanup, gather_shards, init_distributed, loader_workers, shard
+from ..distributed import World, barrier, cleanup, gather_shards, init_distributed, loader_workers, max_across, shard
 from ..errors import UserError
 from ..schedules import warmup_cosine
 from .prepare import MAIN, prepare, results_record
 from .results import accuracy_metrics, summary_line, write_results
 
 PROTOCOLS = ("linear", "mlp", "knn", "attentive")
+TOKEN_LABELS = "token-labels.safetensors"
 
 
 def frozen_tokens(model: nn.Module, images: Tensor) -> Tensor:
@@ -39,32 +46,28 @@ def frozen_tokens(model: nn.Module, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def has_patch_tokens(model: nn.Module, in_chans: int, img_size: int, device: torch.device) -> bool:
-    """Whether ``model`` gives tokens to attend over (one probe image, on the model's device,
-    in eval mode so a BatchNorm accepts a batch of one)."""
+def token_shape(model: nn.Module, in_chans: int, img_size: int, device: torch.device) -> list[int]:
+    """(tokens, width) of an image's patch tokens (one probe image, on the model's device, in
+    eval mode so a BatchNorm accepts a batch of one)."""
     model.eval()
-    return frozen_tokens(model, torch.zeros(1, in_chans, img_size, img_size, device=device)).shape[1] >= 1
+    return list(frozen_tokens(model, torch.zeros(1, in_chans, img_size, img_size, device=device)).shape[1:])
 
 
 @torch.no_grad()
-def extract(model: nn.Module, loader: DataLoader, device: torch.device, tokens: bool) -> tuple[Tensor, Tensor]:
-    """Pooled features (or patch tokens, in float16 to save memory) and labels of a whole split."""
+def extract(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pooled features and labels of a whole split (patch tokens go to a :class:`TokenCache`)."""
     model.eval()
     feats, labels = [], []
     for images, targets in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
-        if tokens:
-            feats.append(frozen_tokens(model, images).half().cpu())
-        else:
-            feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().cpu())
+        feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().cpu())
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
 
 
 def cached_features(
-    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, tokens: bool, cache: Path, key: str,
-    world: World = MAIN,
-) -> dict[str, Tensor] | None:  # fmt: skip
+    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, cache: Path, key: str, world: World = MAIN
+) -> dict[str, Tensor] | None:
     """Features of every split, from ``cache`` when it was made for the same ``key``. Under
     torchrun each process extracts its shard and the main process gathers them, in dataset
     order (it alone gets the features; the others get None)."""
@@ -72,7 +75,7 @@ def cached_features(
         return load_file(str(cache)) if world.is_main else None
     out: dict[str, Tensor] = {}
     for split, loader in loaders.items():
-        x, y = extract(model, loader, device, tokens)
+        x, y = extract(model, loader, device)
         x, y = gather_shards(x, world), gather_shards(y, world)
         if x is not None and y is not None:
             out[f"{split}_x"], out[f"{split}_y"] = x, y
@@ -80,6 +83,94 @@ def cached_features(
         return None
     atomic_write(cache, lambda p: save_file(out, str(p), metadata={"key": key}))
     return out
+
+
+class TokenCache:
+    """The patch tokens of one split in a float16 file on disk, read and written by rows: host
+    memory holds a batch of them, whatever the size of the split (ViT-B/16 tokens of ImageNet's
+    training split are about 385 GB)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.path, self.shape = path, shape
+        self.row_bytes = 2 * math.prod(shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def write(self, rows: Tensor, values: Tensor) -> None:
+        with self.path.open("r+b") as f:
+            for row, value in zip(rows.tolist(), values.half().numpy(), strict=True):
+                f.seek(row * self.row_bytes)
+                f.write(value.tobytes())
+
+    def __getitem__(self, rows: Tensor) -> Tensor:
+        with self.path.open("rb") as f:
+            return torch.stack([self._read(f, row) for row in rows.tolist()])
+
+    def _read(self, f: BinaryIO, row: int) -> Tensor:
+        f.seek(row * self.row_bytes)
+        return torch.from_numpy(np.frombuffer(f.read(self.row_bytes), np.float16).reshape(self.shape[1:]).copy())
+
+    def split(self, size: int) -> Iterator[Tensor]:
+        for start in range(0, len(self), size):
+            yield self[torch.arange(start, min(start + size, len(self)))]
+
+
+def cached_tokens(
+    model: nn.Module, loaders: dict[str, DataLoader], shapes: dict[str, list[int]], device: torch.device,
+    folder: Path, key: str, world: World,
+) -> dict[str, Tensor | TokenCache] | None:  # fmt: skip
+    """Patch tokens of every split (of ``shapes``: images, tokens, width) in :class:`TokenCache`
+    files, reused when made for the same ``key``. Under torchrun each process writes the rows of
+    its shard; the main process alone gets the result."""
+    record = folder / "tokens.json"
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if saved.get("key") != key:
+        if world.is_main:  # the files are rewritten: no record may vouch for them meanwhile
+            record.unlink(missing_ok=True)
+        saved = {"key": key, **shapes}
+        write_tokens(model, loaders, device, folder, saved, world)
+        if world.is_main:
+            atomic_write(record, lambda p: p.write_text(json.dumps(saved)))
+    if not world.is_main:
+        return None
+    labels = load_file(str(folder / TOKEN_LABELS))
+    out: dict[str, Tensor | TokenCache] = {}
+    for split in loaders:
+        out[f"{split}_x"], out[f"{split}_y"] = TokenCache(folder / f"tokens-{split}.bin", saved[split]), labels[split]
+    return out
+
+
+@torch.no_grad()
+def write_tokens(
+    model: nn.Module, loaders: dict[str, DataLoader], device: torch.device, folder: Path, shapes: dict, world: World
+) -> None:
+    """Fill the token files, after checking the disk holds them (one error line if not)."""
+    need = sum(2 * math.prod(shapes[split]) for split in loaders)
+    free = shutil.disk_usage(folder).free if world.is_main else 0
+    if max_across(float(world.is_main and need > free), world) > 0:
+        raise UserError(
+            f"the attentive probe's token cache needs {need / 1e9:.1f} GB in {folder}, which has {free / 1e9:.1f} GB "
+            "free: choose an --out on a larger disk"
+        )
+    if world.is_main:
+        for split in loaders:
+            with (folder / f"tokens-{split}.bin").open("wb") as f:
+                f.truncate(2 * math.prod(shapes[split]))
+    barrier(world)
+    model.eval()
+    labels = {}
+    for split, loader in loaders.items():
+        cache, seen, targets = TokenCache(folder / f"tokens-{split}.bin", shapes[split]), 0, []
+        for images, batch_targets in tqdm(loader, desc="tokens", leave=False, dynamic_ncols=True):
+            rows = world.rank + world.size * torch.arange(seen, seen + len(images))  # this shard's rows
+            cache.write(rows, frozen_tokens(model, images.to(device, non_blocking=True)).cpu())
+            seen = seen + len(images)
+            targets.append(batch_targets)
+        labels[split] = gather_shards(torch.cat(targets), world)
+    barrier(world)
+    if world.is_main:
+        atomic_write(folder / TOKEN_LABELS, lambda p: save_file(labels, str(p)))
 
 
 def knn_predict(
@@ -180,7 +271,8 @@ def _probe(cfg: ProbeConfig, world: World) -> dict:
     device, data, model = setup.device, setup.data, setup.model
     classes = data.info.num_classes
     tokens = cfg.protocol == "attentive"
-    if tokens and not has_patch_tokens(model, data.info.in_chans, data.img_size, device):
+    width = token_shape(model, data.info.in_chans, data.img_size, device) if tokens else []
+    if tokens and width[0] < 1:
         raise UserError(f"{setup.model_name} gives no patch tokens for the attentive probe")
     transform = eval_transform(data.info, data.img_size)
     workers = loader_workers(cfg.num_workers, device, world)
@@ -209,8 +301,11 @@ def _probe(cfg: ProbeConfig, world: World) -> dict:
             ),
         )
     )
-    cache = setup.out / ("tokens.safetensors" if tokens else "features.safetensors")
-    feats = cached_features(model, loaders, device, tokens, cache, key, world)
+    if tokens:
+        shapes = {"train": [len(data.train), *width], "test": [len(data.scored), *width]}
+        feats = cached_tokens(model, loaders, shapes, device, setup.out, key, world)
+    else:
+        feats = cached_features(model, loaders, device, setup.out / "features.safetensors", key, world)
     if feats is None:  # not the main process: its share is done
         return {}
     train_x, train_y, test_x, test_y = feats["train_x"], feats["train_y"], feats["test_x"], feats["test_y"]
