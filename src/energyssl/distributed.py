@@ -8,6 +8,8 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +143,16 @@ def barrier(world: World) -> None:
 def cleanup(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[World]:
+    """The command's world (see :func:`init_distributed`), left cleanly however the command ends."""
+    world = init_distributed(device)
+    try:
+        yield world
+    finally:
+        cleanup(world)
 
 
 def loader_workers(requested: int | None, device: torch.device, world: World) -> int:

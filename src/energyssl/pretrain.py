@@ -19,10 +19,9 @@ from .data import DataInfo, EpochSampler, SeededAugmentation, eval_transform, lo
 from .distributed import (
     StopRequest,
     World,
-    cleanup,
-    init_distributed,
     loader_workers,
     max_across,
+    process_group,
     random_states,
     resolve_device,
     seed_everything,
@@ -153,11 +152,8 @@ def setup_model(
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) a pretraining; returns the path of the exported backbone."""
     validate(cfg)
-    world = init_distributed(cfg.device)
-    try:
+    with process_group(cfg.device) as world:
         return _pretrain(cfg, world)
-    finally:
-        cleanup(world)
 
 
 def example_views(train_set: SeededAugmentation, device: torch.device, count: int = 8) -> list[torch.Tensor]:

@@ -37,11 +37,10 @@ from ..distributed import (
     World,
     all_finite,
     broadcast_buffers,
-    cleanup,
-    init_distributed,
     loader_workers,
     max_across,
     mean_across,
+    process_group,
     random_states,
     seed_everything,
     set_random_states,
@@ -249,11 +248,8 @@ def validate(cfg: FinetuneConfig) -> None:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) a fine-tune; returns the record written to results.json."""
     validate(cfg)
-    world = init_distributed(cfg.device)
-    try:
+    with process_group(cfg.device) as world:
         return _finetune(cfg, world)
-    finally:
-        cleanup(world)
 
 
 def start(cfg: FinetuneConfig, world: World) -> tuple[Trainer, EpochSampler, DataLoader, DataLoader]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write, read_metadata
 from ..config import ProbeConfig
 from ..data import TransformedDataset, eval_transform
-from ..distributed import World, barrier, cleanup, gather_shards, init_distributed, loader_workers, max_across, shard
+from ..distributed import World, barrier, gather_shards, loader_workers, max_across, process_group, shard
 from ..errors import UserError
 from ..schedules import warmup_cosine
 from .prepare import MAIN, prepare, results_record
@@ -259,11 +259,8 @@ def probe(cfg: ProbeConfig) -> dict:
     and the results written by the main one); returns the record written to results.json."""
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{cfg.protocol}'; choose one of: {', '.join(PROTOCOLS)}")
-    world = init_distributed(cfg.device)
-    try:
+    with process_group(cfg.device) as world:
         return _probe(cfg, world)
-    finally:
-        cleanup(world)
 
 
 def _probe(cfg: ProbeConfig, world: World) -> dict:
