@@ -150,13 +150,28 @@ class FinetuneConfig(EvalConfig):
     out: str = _opt("runs/finetune", "output folder: checkpoints, results.json, metrics.jsonl, config.yaml")
 
 
+# MAE's linear probe (its appendix A.2, main_linprobe.py): what ``probe --recipe mae`` changes of
+# the probe's defaults (a flag or file still overrides each).
+MAE_LINEAR_PROBE = {"epochs": 90, "warmup_epochs": 10.0, "blr": 0.1, "weight_decay": 0.0}
+
+
 @dataclass
 class ProbeConfig(EvalConfig):
     protocol: str = _opt("linear", "linear, mlp, knn or attentive (frozen backbone)")
-    epochs: int = _opt(50, "epochs of the probe head on cached features")
-    batch_size: int = _opt(256, "feature vectors per step")
-    weight_decay: float = _opt(0.0, "AdamW weight decay of the probe head")
-    blr: float = _opt(1e-2, "base learning rate; the actual lr is blr * batch / 256")
+    recipe: str = _opt(
+        "cached",
+        "how the linear probe trains: cached (AdamW on features extracted once, no augmentation; fast on small data) "
+        "or mae (MAE's: LARS, BatchNorm without affine, crop + flip through the frozen backbone on the fly, "
+        "resumable, under torchrun; its defaults: epochs 90, warmup 10, blr 0.1, weight decay 0) (default: cached)",
+        presets={"mae": MAE_LINEAR_PROBE},
+    )
+    epochs: int = _opt(50, "epochs of the probe head")
+    batch_size: int = _opt(256, "feature vectors (--recipe mae: images) per process and step")
+    weight_decay: float = _opt(0.0, "weight decay of the probe head")
+    blr: float = _opt(1e-2, "base learning rate; the actual lr is blr * total batch / 256")
+    accum_iter: int = _opt(1, "--recipe mae: micro-batches per optimizer step (the total batch and lr follow)")
+    save_every: int = _opt(500, "--recipe mae: save a checkpoint every N steps (and at each epoch end)")
+    resume: str | None = _opt(None, "--recipe mae: resume from a checkpoint folder, or 'auto' for the latest in --out")
     knn_k: int = _opt(20, "neighbours for kNN")
     knn_temperature: float = _opt(0.07, "temperature of kNN vote weights exp(cos / T)")
     out: str = _opt("runs/probe", "output folder: results.json, config.yaml, cached features")
@@ -277,7 +292,29 @@ def resolve(
     """Defaults, then ``base`` (a resumed run's own config.yaml), then the YAML file, then
     ``--set`` values, then explicit flags. The method options in ``flags`` are set in
     ``method_options`` wherever they are given."""
-    values: dict[str, Any] = cls().to_dict()
+    values = _layered(cls().to_dict(), args, cls, flags, base)
+    preset = {**cls().to_dict(), **_preset(cls, values)}  # the defaults a chosen recipe changes
+    if preset != cls().to_dict():
+        values = _layered(preset, args, cls, flags, base)
+    config = cls(**values)
+    check_types(config)
+    check_ranges(config)
+    return config
+
+
+def _preset(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The defaults that the chosen values of ``cls``'s preset keys (``option(presets=...)``) set."""
+    chosen: dict[str, Any] = {}
+    for f in fields(cls):
+        if "presets" in f.metadata and isinstance(values[f.name], str):
+            chosen |= f.metadata["presets"].get(values[f.name], {})
+    return chosen
+
+
+def _layered(
+    values: dict[str, Any], args: argparse.Namespace, cls: type, flags: Sequence[Flag], base: Path | None
+) -> dict[str, Any]:
+    """``values`` under ``base``, the YAML file, ``--set`` values and explicit flags, in that order."""
     flag_names = {f.name for f in flags}
     for file in [str(base)] * (base is not None) + [args.config] * bool(args.config):
         for key, value in load_yaml(file, cls, flags).items():
@@ -291,10 +328,7 @@ def resolve(
         value = getattr(args, f.name, None)
         if value is not None:
             _put(values, f.name, value, flag_names)
-    config = cls(**values)
-    check_types(config)
-    check_ranges(config)
-    return config
+    return values
 
 
 def _put(values: dict[str, Any], key: str, value: Any, flag_names: set[str]) -> None:

@@ -2,7 +2,9 @@
 drop path, RandAugment, mixup/cutmix, label smoothing, warmup + cosine), from a pretrained
 checkpoint or from scratch (``--init none``). Runs on one process or under ``torchrun`` (DDP:
 each process trains on its shard of every epoch and scores its shard of the evaluation split),
-checkpoints every ``--save-every`` steps and resumes exactly (``--resume``)."""
+checkpoints every ``--save-every`` steps and resumes exactly (``--resume``). The same loop
+runs MAE's linear probe (``probe --recipe mae``, a :class:`Route`): a linear head on the frozen
+backbone, trained with LARS on images augmented on the fly."""
 
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ from pathlib import Path
 
 import torch
 from timm.data import Mixup
+from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import Lars, create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import FinetuneConfig, refuse_changes
+from ..config import EvalConfig, FinetuneConfig, refuse_changes
 from ..data import (
     EpochSampler,
     SeededAugmentation,
@@ -68,6 +71,56 @@ def layer_decay_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> t
     """AdamW with timm's layer-wise decay (needs ``group_matcher``; plain AdamW otherwise)."""
     decay = cfg.layer_decay if cfg.layer_decay < 1 and hasattr(model, "group_matcher") else None
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, layer_decay=decay)
+
+
+class LinearProbe(nn.Module):
+    """MAE's linear probe: the frozen backbone (kept in eval mode, so neither its BatchNorm
+    statistics nor its dropout move) under BatchNorm without affine and a linear layer."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        fc = classifier.get_classifier()
+        self.backbone = classifier.requires_grad_(False)
+        self.norm = nn.BatchNorm1d(fc.in_features, affine=False, eps=1e-6)
+        self.fc = nn.Linear(fc.in_features, fc.out_features)
+        trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+        return self.fc(self.norm(features.float()))
+
+
+def lars_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's LARS as MAE's linear probe uses it: momentum 0.9, trust coefficient 0.001, the
+    trust ratio on weight matrices (even without weight decay) and not on biases."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.ndim > 1], "weight_decay": cfg.weight_decay, "always_adapt": True},
+        {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the loop trains and how the run names itself: the full fine-tune, or MAE's linear
+    probe (``probe --recipe mae``, whose own config is the one saved and resumed)."""
+
+    command: str = "finetune"  # the command that resumes the run
+    protocol: str = "finetune"  # results.json's protocol
+    model: Callable[[nn.Module], nn.Module] = lambda classifier: classifier
+    optimizer: Callable[[nn.Module, FinetuneConfig, float], torch.optim.Optimizer] = layer_decay_optimizer
+    saved: EvalConfig | None = None  # the config in config.yaml (default: the fine-tune's)
+
+
+FINETUNE = Route()
 
 
 def loaders(cfg: FinetuneConfig, data: EvalData, setup: EvalSetup) -> tuple[EpochSampler, DataLoader, DataLoader]:
@@ -127,6 +180,7 @@ class Trainer:
     metadata: dict[str, str]  # what a checkpoint must agree on to be resumed
     steps_per_epoch: int
     cfg: FinetuneConfig
+    route: Route = FINETUNE
     logger: MetricsLogger | None = None
     step: int = 0
     epoch: int = 0
@@ -245,19 +299,19 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UserError("--init pixels is for probes (the raw-pixel floor); fine-tuning needs a network")
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Run (or resume) a fine-tune; returns the record written to results.json."""
+def finetune(cfg: FinetuneConfig, route: Route = FINETUNE) -> dict:
+    """Run (or resume) a fine-tune, or what ``route`` trains; returns the record written to results.json."""
     validate(cfg)
     with process_group(cfg.device) as world:
-        return _finetune(cfg, world)
+        return _finetune(cfg, world, route)
 
 
-def start(cfg: FinetuneConfig, world: World) -> tuple[Trainer, EpochSampler, DataLoader, DataLoader]:
+def start(cfg: FinetuneConfig, world: World, route: Route) -> tuple[Trainer, EpochSampler, DataLoader, DataLoader]:
     """Data, classifier, optimizer and schedule (and with --resume the saved state)."""
     out = Path(cfg.out)
     if max_across(float((out / ckpt.LATEST).exists() and not cfg.resume), world) > 0:  # every process refuses
-        raise UserError(f"{out} already holds a fine-tune: pass --resume to continue it, or choose another --out")
-    setup = prepare(cfg, world, drop_path_rate=cfg.drop_path)
+        raise UserError(f"{out} already holds a {route.protocol} run: pass --resume to continue it, or another --out")
+    setup = prepare(cfg, world, route.saved, drop_path_rate=cfg.drop_path)
     seed_everything(cfg.seed + world.rank)  # the model is alike on every process; drop path and mixup are not
     sampler, train_loader, scored_loader = loaders(cfg, setup.data, setup)
     if not 1 <= cfg.accum_iter <= len(train_loader):
@@ -267,14 +321,14 @@ def start(cfg: FinetuneConfig, world: World) -> tuple[Trainer, EpochSampler, Dat
     steps = len(train_loader) // cfg.accum_iter
     lr_at = partial(warmup_cosine, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=int(cfg.warmup_epochs * steps),
                     total_steps=cfg.epochs * steps)  # fmt: skip
-    model = setup.model
+    model = setup.model = route.model(setup.model)
     info = setup.data.info
     metadata = {"model": setup.model_name, "num_classes": str(info.num_classes), "img_size": str(setup.data.img_size),
                 "in_chans": str(info.in_chans), "batch_size": str(total_batch)}  # fmt: skip
     trainer = Trainer(
-        model, model, layer_decay_optimizer(model, cfg, base_lr), lr_at, *criterion_and_mixup(cfg, info.num_classes),
+        model, model, route.optimizer(model, cfg, base_lr), lr_at, *criterion_and_mixup(cfg, info.num_classes),
         ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None,
-        Precision.build(amp_dtype_for(cfg.amp, setup.device), setup.device), setup, metadata, steps, cfg,
+        Precision.build(amp_dtype_for(cfg.amp, setup.device), setup.device), setup, metadata, steps, cfg, route,
     )  # fmt: skip
     if cfg.resume:
         trainer.resume(ckpt.find_checkpoint(out if cfg.resume == "auto" else Path(cfg.resume)))
@@ -286,15 +340,15 @@ def start(cfg: FinetuneConfig, world: World) -> tuple[Trainer, EpochSampler, Dat
         trainer.logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
         trainer.logger.forget_after(trainer.step)
         print(
-            f"fine-tuning {setup.model_name} on {len(setup.data.train)} labeled images of {cfg.data} "
+            f"{route.protocol}: {setup.model_name} on {len(setup.data.train)} labeled images of {cfg.data} "
             f"({cfg.label_fraction:.0%} of labels), init {setup.init.path or 'random'}, lr {base_lr:.2e}, "
             f"{steps} steps/epoch x {cfg.epochs} epochs, {world.size} process(es), {setup.device}"
         )
     return trainer, sampler, train_loader, scored_loader
 
 
-def _finetune(cfg: FinetuneConfig, world: World) -> dict:
-    trainer, sampler, train_loader, scored_loader = start(cfg, world)
+def _finetune(cfg: FinetuneConfig, world: World, route: Route) -> dict:
+    trainer, sampler, train_loader, scored_loader = start(cfg, world, route)
     metrics: dict = {}
     try:
         with StopRequest() as stop:
@@ -305,7 +359,7 @@ def _finetune(cfg: FinetuneConfig, world: World) -> dict:
                 stopped = trainer.train_epoch(skip_batches(train_loader, sampler, skip) if done else train_loader, stop)
                 if stopped:
                     trainer.save()
-                    raise Interrupted(resume_hint(Path(cfg.out), trainer.step, world))
+                    raise Interrupted(resume_hint(Path(cfg.out), trainer.step, world, route.command))
                 metrics = end_of_epoch(trainer, scored_loader)
                 if trainer.step >= trainer.last_step:
                     break
@@ -338,17 +392,17 @@ def finish(trainer: Trainer, metrics: dict) -> dict:
     cfg, setup = trainer.cfg, trainer.setup
     if cfg.eval_split == "val":  # epochs are chosen on validation; the best test epoch is never reported
         metrics["top1_best"], metrics["best_epoch"] = trainer.best
-    record = results_record(cfg, setup, "finetune", metrics, len(setup.data.train))
+    record = results_record(trainer.route.saved or cfg, setup, trainer.route.protocol, metrics, len(setup.data.train))
     if trainer.world.is_main:
         write_results(setup.out, record)
         print(summary_line(record))
     return record
 
 
-def resume_hint(out: Path, step: int, world: World) -> str:
+def resume_hint(out: Path, step: int, world: World, command: str = "finetune") -> str:
     """The line printed when a signal stopped the fine-tune: where the work is and how to go on."""
     launcher = " (under torchrun, as before)" if world.distributed else ""
     return (
         f"interrupted at step {step}; checkpoint saved in {out}. Resume with: "
-        f"energyssl finetune --config {out / 'config.yaml'} --resume{launcher}"
+        f"energyssl {command} --config {out / 'config.yaml'} --resume{launcher}"
     )

@@ -98,9 +98,9 @@ class EvalSetup:
     started: float
 
 
-def prepare(cfg: EvalConfig, world: World = MAIN, **model_args: Any) -> EvalSetup:
+def prepare(cfg: EvalConfig, world: World = MAIN, saved: EvalConfig | None = None, **model_args: Any) -> EvalSetup:
     """Seed, load the labeled data, build the classifier from ``--init`` (alike on every
-    process) and save the config."""
+    process) and save the config (``saved``, when the command's own config is another)."""
     started = time.perf_counter()
     out = Path(cfg.out)
     device = resolve_device(cfg.device, world)
@@ -110,7 +110,7 @@ def prepare(cfg: EvalConfig, world: World = MAIN, **model_args: Any) -> EvalSetu
         cfg.init, cfg.model, data.info.num_classes, data.info.in_chans, data.img_size, cfg.patch_size, **model_args
     )
     if world.is_main:
-        save_yaml(cfg, out / "config.yaml")
+        save_yaml(saved or cfg, out / "config.yaml")
     return EvalSetup(out, device, world, data, model.to(device), name, init, started)
 
 

@@ -1,6 +1,8 @@
 """``energyssl probe``: frozen-backbone protocols on features extracted once.
 
-* linear -- BatchNorm without affine, then a linear classifier (as MAE);
+* linear -- BatchNorm without affine, then a linear classifier (as MAE); with ``--recipe mae``
+  MAE's whole protocol instead: LARS, images augmented on the fly through the frozen backbone,
+  run by the fine-tuning loop (torchrun, accumulation, checkpoints, resume);
 * mlp -- a 3-layer head;
 * knn -- cosine similarity, k neighbours, votes weighted by exp(cos / T) (as DINO);
 * attentive -- a cross-attention unit with its own class token over the patch tokens, then
@@ -13,6 +15,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,15 +28,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write, read_metadata
-from ..config import ProbeConfig
+from ..config import EvalConfig, FinetuneConfig, ProbeConfig
 from ..data import TransformedDataset, eval_transform
 from ..distributed import World, barrier, gather_shards, loader_workers, max_across, process_group, shard
 from ..errors import UserError
 from ..schedules import warmup_cosine
+from .finetune import LinearProbe, Route, finetune, lars_optimizer
 from .prepare import MAIN, prepare, results_record
 from .results import accuracy_metrics, summary_line, write_results
 
 PROTOCOLS = ("linear", "mlp", "knn", "attentive")
+RECIPES = ("cached", "mae")
 TOKEN_LABELS = "token-labels.safetensors"
 
 
@@ -257,10 +262,35 @@ def predict(head: nn.Module, x: Tensor, device: torch.device) -> Tensor:
 def probe(cfg: ProbeConfig) -> dict:
     """Run a probe (under torchrun: the features extracted by every process, the head trained
     and the results written by the main one); returns the record written to results.json."""
-    if cfg.protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol '{cfg.protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+    validate(cfg)
+    if cfg.recipe == "mae":
+        return mae_linear_probe(cfg)
     with process_group(cfg.device) as world:
         return _probe(cfg, world)
+
+
+def validate(cfg: ProbeConfig) -> None:
+    """Refuse a protocol or recipe that does not exist, and the options that would not apply."""
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{cfg.protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+    if cfg.recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{cfg.recipe}'; choose one of: {', '.join(RECIPES)}")
+    if cfg.recipe == "mae" and (cfg.protocol != "linear" or cfg.init == "pixels"):
+        raise UserError("--recipe mae is a linear probe through a network: give --protocol linear and a --init")
+    if cfg.recipe == "cached" and (cfg.accum_iter != 1 or cfg.resume):
+        raise UserError("--accum-iter and --resume apply to --recipe mae only (the cached probe runs in minutes)")
+
+
+def mae_linear_probe(cfg: ProbeConfig) -> dict:
+    """MAE's linear probe as a fine-tune of a linear head on the frozen backbone: the recipe's
+    fixed parts here (crop scale 0.08-1 + flip, no mixup, smoothing or drop path, LARS), its
+    hyperparameters from ``cfg``; scored once, at the end."""
+    shared = {f.name: getattr(cfg, f.name) for f in fields(EvalConfig)}
+    run = FinetuneConfig(
+        **shared, accum_iter=cfg.accum_iter, save_every=cfg.save_every, resume=cfg.resume, eval_every=cfg.epochs,
+        layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug="", crop_scale=[0.08, 1.0],
+    )  # fmt: skip
+    return finetune(run, Route("probe", "linear-mae", LinearProbe, lars_optimizer, saved=cfg))
 
 
 def _probe(cfg: ProbeConfig, world: World) -> dict:
