@@ -41,6 +41,10 @@ METHODS = (
     "mocov3",
     "dino",
     "ijepa",
+    "energy K=2 exact, checkpointed",  # --grad-checkpointing
+    "energy K=4 exact",
+    "energy K=4 exact, checkpointed",
+    "mae, checkpointed",
 )
 # the views of methods trained on more than one: MoCo v3's pair, DINO's 2 global and 8 local crops
 VIEWS = {
@@ -50,7 +54,9 @@ VIEWS = {
 
 
 def build_step(method: str, model_name: str, batch: int, task: str, device: str) -> Callable[[], None]:
-    """A closure running forward + backward + AdamW step of ``method`` on a fixed batch."""
+    """A closure running forward + backward + AdamW step of ``method`` on a fixed batch
+    (``, checkpointed``: with ``--grad-checkpointing``)."""
+    method, checkpointed = method.removesuffix(", checkpointed"), method.endswith(", checkpointed")
     images = torch.randn(batch, 1, 28, 28, device=device)
     backbone = create_backbone(model_name, img_size=28, in_chans=1).to(device)
     generator = torch.Generator().manual_seed(0)
@@ -68,6 +74,8 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
         module = method_for(method, backbone, 1, MEAN, STD, **options).to(device)
         views = VIEWS[method](images) if method in VIEWS else [images]
         freeze_unreached_parameters(module, [v[:4] for v in views])
+        if checkpointed:
+            module.set_grad_checkpointing(model_name)
         loss_fn = lambda: module(views, generator).loss  # noqa: E731
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 

@@ -100,6 +100,9 @@ class PretrainConfig(CommonConfig):
         "accum_iter, and the lr and the schedule's steps follow it",
     )
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
+    grad_checkpointing: bool = _opt(
+        False, "recompute activations in the backward pass instead of keeping them: less memory, more compute"
+    )
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
     resume: str | None = _opt(
@@ -142,6 +145,9 @@ class FinetuneConfig(EvalConfig):
         "accum_iter, and the lr and the schedule's steps follow it",
     )
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
+    grad_checkpointing: bool = _opt(
+        False, "recompute activations in the backward pass instead of keeping them: less memory, more compute"
+    )
     eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
     save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
     resume: str | None = _opt(

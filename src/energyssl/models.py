@@ -90,6 +90,15 @@ _register_preset(
 _register_preset("essl_convnext_tiny", ConvNeXt, depths=(1, 1, 2, 1), dims=(24, 48, 96, 192), patch_size=1, in_chans=1)
 
 
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """timm's activation checkpointing of the blocks (non-reentrant, its default): memory for a
+    second forward pass in the backward; one clear error where the model has none."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as exc:
+        raise UserError(f"{name} has no gradient checkpointing in timm; leave --grad-checkpointing off") from exc
+
+
 def create_backbone(
     name: str,
     *,

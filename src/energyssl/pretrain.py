@@ -86,7 +86,8 @@ def run_metadata(cfg: PretrainConfig, method: Method, img_size: int, in_chans: i
 # What a resumed run may change: how far it goes, where, in which precision and how it logs
 # (and the method's options it names safe); anything else would make it another run than the
 # one its checkpoints continue.
-SAFE_ON_RESUME = ("max_steps", "time_budget", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp")
+SAFE_ON_RESUME = ("max_steps", "time_budget", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp",
+                  "grad_checkpointing")  # fmt: skip
 
 
 def resume_changes(saved: PretrainConfig, cfg: PretrainConfig) -> list[str]:
@@ -135,6 +136,10 @@ def setup_model(
     saved = saved_metadata(cfg)
     method = build_method(cfg.method, backbone, BuildContext(cfg, info))
     choice = method.configure_precision(cfg.amp, device, saved)
+    if cfg.grad_checkpointing:
+        said = method.set_grad_checkpointing(cfg.model)
+        if world.is_main:
+            print(said)
     precision = Precision.build(choice.dtype, device)
     model = method.checkpointed()
     channels_last_if_cnn(method.to(device), device)

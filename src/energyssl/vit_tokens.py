@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -76,7 +77,10 @@ def encode(vit: VisionTransformer, tokens: Tensor) -> Tensor:
         if not vit.no_embed_class:
             start = start + vit.pos_embed[:, : vit.num_prefix_tokens]
         tokens = torch.cat([start, tokens], dim=1)
-    return vit.norm(vit.blocks(vit.norm_pre(vit.pos_drop(tokens))))
+    tokens = vit.norm_pre(vit.pos_drop(tokens))
+    if vit.grad_checkpointing and torch.is_grad_enabled():  # --grad-checkpointing, as forward_features
+        return vit.norm(checkpoint_seq(vit.blocks, tokens))
+    return vit.norm(vit.blocks(tokens))
 
 
 def features(vit: VisionTransformer, images: Tensor) -> Tensor:

@@ -54,13 +54,15 @@ from ..distributed import (
 from ..engine import Throughput, grouped
 from ..errors import Interrupted, UserError
 from ..metrics import MetricsLogger
+from ..models import enable_grad_checkpointing
 from ..precision import Precision, amp_dtype_for
 from ..schedules import warmup_cosine
 from .prepare import EvalData, EvalSetup, prepare, results_record
 from .results import accuracy_from_counts, correct_counts, scored_ks, summary_line, write_results
 
 # What a resumed fine-tune may change of its config: how far it goes, where and how it logs.
-SAFE_ON_RESUME = ("max_steps", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp")
+SAFE_ON_RESUME = ("max_steps", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp",
+                  "grad_checkpointing")  # fmt: skip
 
 
 def resume_changes(saved: FinetuneConfig, cfg: FinetuneConfig) -> list[str]:
@@ -321,6 +323,8 @@ def start(cfg: FinetuneConfig, world: World, route: Route) -> tuple[Trainer, Epo
     steps = len(train_loader) // cfg.accum_iter
     lr_at = partial(warmup_cosine, base_lr=base_lr, min_lr=cfg.min_lr, warmup_steps=int(cfg.warmup_epochs * steps),
                     total_steps=cfg.epochs * steps)  # fmt: skip
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(setup.model, setup.model_name)
     model = setup.model = route.model(setup.model)
     info = setup.data.info
     metadata = {"model": setup.model_name, "num_classes": str(info.num_classes), "img_size": str(setup.data.img_size),

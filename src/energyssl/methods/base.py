@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..config import PretrainConfig
 from ..data import DataInfo, pretrain_transform
 from ..errors import UserError
+from ..models import enable_grad_checkpointing
 from ..precision import amp_dtype_for
 from ..rng import Generator
 
@@ -115,6 +116,12 @@ class Method(nn.Module):
     def checkpointed(self) -> nn.Module:
         """The module whose weights checkpoints hold (with ``backbone.`` keys for export)."""
         return self
+
+    def set_grad_checkpointing(self, model_name: str) -> str:
+        """``--grad-checkpointing``: recompute activations in the backward pass instead of keeping
+        them (by default the backbone's blocks, timm's way); returns what it does, to print."""
+        enable_grad_checkpointing(self.backbone, model_name)
+        return "gradient checkpointing: the backbone's blocks are recomputed in the backward pass"
 
     def configure_precision(self, amp: str, device: torch.device, saved: dict[str, str]) -> PrecisionChoice:
         """The autocast dtype of ``--amp`` on ``device``; ``saved`` is what a resumed run's

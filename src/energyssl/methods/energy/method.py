@@ -118,6 +118,15 @@ class EnergyMethod(Method):
     def checkpointed(self) -> nn.Module:
         return self.model
 
+    def set_grad_checkpointing(self, model_name: str) -> str:
+        """Exact mode keeps K restoration steps' graphs for the double backward: each step's is
+        recomputed in the backward instead (:meth:`EnergyModel.restore`). Fast mode keeps one
+        ordinary graph at a time; there the backbone's blocks are checkpointed, timm's way."""
+        if self.model.grad_mode == "exact":
+            self.model.checkpoint_steps = True
+            return "gradient checkpointing: each restoration step's graph is recomputed in the backward pass"
+        return super().set_grad_checkpointing(model_name)
+
     def configure_precision(self, amp: str, device: torch.device, saved: dict[str, str]) -> PrecisionChoice:
         """The gradient mode and dtype (:func:`.precision.choose_precision`); a resumed run keeps
         the mode it chose, so that ``auto`` resolving otherwise here cannot change the optimizer."""

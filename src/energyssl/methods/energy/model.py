@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from .precision import full_float32
 
@@ -164,6 +165,7 @@ class EnergyModel(nn.Module):
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got '{grad_mode}'")
         self.grad_mode = grad_mode
+        self.checkpoint_steps = False  # --grad-checkpointing in exact mode (see restore)
         self.backbone = backbone
         num_features = num_features or getattr(backbone, "num_features", None)
         if not num_features:
@@ -219,10 +221,22 @@ class EnergyModel(nn.Module):
         x = x0
         with self._running_stats():
             for _ in range(steps):
-                grad = self.energy_grad(x, create_graph=create_graph, grad_scale=grad_scale, energy_fn=energy_fn)
+                if create_graph and self.checkpoint_steps:
+                    grad = checkpoint(self._checkpointed_grad, x, grad_scale, energy_fn, use_reentrant=False)
+                else:
+                    grad = self.energy_grad(x, create_graph, grad_scale, energy_fn)
                 x = self._step(x.detach(), grad, self.alpha)
                 restored.append(x)
         return restored
+
+    def _checkpointed_grad(self, x: Tensor, grad_scale: float, energy_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """One step's dE/dx with its graph for the double backward, run under checkpointing: the
+        graph (forward and input gradient) is dropped and rebuilt in the backward pass, so one
+        step's is alive at a time instead of K. timm's block checkpointing cannot do this: its
+        recomputation inside a double backward fails. The recomputation runs after ``restore``
+        has put BatchNorm back in training mode, so it sets the running statistics itself."""
+        with self._running_stats():
+            return self.energy_grad(x, True, grad_scale, energy_fn)
 
     @torch.no_grad()
     def prime_batchnorm(self, clean: Tensor) -> None:
