@@ -32,6 +32,12 @@ _opt = option
 
 
 ConfigT = TypeVar("ConfigT", bound="CommonConfig")
+# the help of keys that pretrain and finetune both have
+ACCUM_ITER_HELP = (
+    "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
+    "accum_iter, and the lr and the schedule's steps follow it"
+)
+GRAD_CHECKPOINTING_HELP = "recompute activations in the backward pass, not keeping them: less memory, more compute"
 
 
 @dataclass
@@ -94,15 +100,9 @@ class PretrainConfig(CommonConfig):
         "stop after this many minutes of training steps; the lr schedule then follows the share of the budget "
         "spent, shaped as if it were --epochs epochs (which still cap the run)",
     )
-    accum_iter: int = _opt(
-        1,
-        "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
-        "accum_iter, and the lr and the schedule's steps follow it",
-    )
+    accum_iter: int = _opt(1, ACCUM_ITER_HELP)
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
-    grad_checkpointing: bool = _opt(
-        False, "recompute activations in the backward pass instead of keeping them: less memory, more compute"
-    )
+    grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
     resume: str | None = _opt(
@@ -139,15 +139,9 @@ class FinetuneConfig(EvalConfig):
     cutmix: float = _opt(1.0, "cutmix alpha (0 disables)")
     randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
     crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
-    accum_iter: int = _opt(
-        1,
-        "micro-batches per optimizer step (gradient accumulation): the total batch is batch_size x processes x "
-        "accum_iter, and the lr and the schedule's steps follow it",
-    )
+    accum_iter: int = _opt(1, ACCUM_ITER_HELP)
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
-    grad_checkpointing: bool = _opt(
-        False, "recompute activations in the backward pass instead of keeping them: less memory, more compute"
-    )
+    grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
     eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
     save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
     resume: str | None = _opt(
