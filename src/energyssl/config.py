@@ -293,9 +293,8 @@ def resolve(
     ``--set`` values, then explicit flags. The method options in ``flags`` are set in
     ``method_options`` wherever they are given."""
     values = _layered(cls().to_dict(), args, cls, flags, base)
-    preset = {**cls().to_dict(), **_preset(cls, values)}  # the defaults a chosen recipe changes
-    if preset != cls().to_dict():
-        values = _layered(preset, args, cls, flags, base)
+    if preset := _preset(cls, values):  # the defaults a chosen recipe changes, then the same layers on them
+        values = _layered({**cls().to_dict(), **preset}, args, cls, flags, base)
     config = cls(**values)
     check_types(config)
     check_ranges(config)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -230,6 +231,15 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def resume_hint(command: str, out: Path, step: int, world: World) -> str:
+    """The line printed when a signal stopped a run of ``command``: where the work is and how to go on."""
+    launcher = " (under torchrun, as before)" if world.distributed else ""
+    return (
+        f"interrupted at step {step}; checkpoint saved in {out}. Resume with: "
+        f"energyssl {command} --config {out / 'config.yaml'} --resume{launcher}"
+    )
 
 
 def stop_agreed(asked: bool, world: World) -> bool:

@@ -24,6 +24,7 @@ from .distributed import (
     process_group,
     random_states,
     resolve_device,
+    resume_hint,
     seed_everything,
     set_random_states,
 )
@@ -390,7 +391,7 @@ def train(run: Run) -> None:
                         run.setup.method.end_of_epoch(state.epoch, run.results())
                 save(run)
                 if stopped:
-                    raise Interrupted(resume_hint(run.out, state.step, run.world))
+                    raise Interrupted(resume_hint("pretrain", run.out, state.step, run.world))
     except NonFiniteLoss as exc:
         save(run)
         causes = "; ".join(run.setup.method.nonfinite_causes() + [LR_CAUSE])
@@ -417,15 +418,6 @@ def _pretrain(cfg: PretrainConfig, world: World) -> Path:
     run = start_run(cfg, world)
     train(run)
     return finish(run)
-
-
-def resume_hint(out: Path, step: int, world: World) -> str:
-    """The line printed when a signal stopped the run: where the work is and how to go on."""
-    launcher = " (under torchrun, as before)" if world.distributed else ""
-    return (
-        f"interrupted at step {step}; checkpoint saved in {out}. Resume with: "
-        f"energyssl pretrain --config {out / 'config.yaml'} --resume{launcher}"
-    )
 
 
 LR_CAUSE = "a learning rate too high for this model and batch (lower --blr or set --clip-grad)"

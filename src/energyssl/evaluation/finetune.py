@@ -45,6 +45,7 @@ from ..distributed import (
     mean_across,
     process_group,
     random_states,
+    resume_hint,
     seed_everything,
     set_random_states,
     shard,
@@ -363,7 +364,7 @@ def _finetune(cfg: FinetuneConfig, world: World, route: Route) -> dict:
                 stopped = trainer.train_epoch(skip_batches(train_loader, sampler, skip) if done else train_loader, stop)
                 if stopped:
                     trainer.save()
-                    raise Interrupted(resume_hint(Path(cfg.out), trainer.step, world, route.command))
+                    raise Interrupted(resume_hint(route.command, Path(cfg.out), trainer.step, world))
                 metrics = end_of_epoch(trainer, scored_loader)
                 if trainer.step >= trainer.last_step:
                     break
@@ -401,12 +402,3 @@ def finish(trainer: Trainer, metrics: dict) -> dict:
         write_results(setup.out, record)
         print(summary_line(record))
     return record
-
-
-def resume_hint(out: Path, step: int, world: World, command: str = "finetune") -> str:
-    """The line printed when a signal stopped the fine-tune: where the work is and how to go on."""
-    launcher = " (under torchrun, as before)" if world.distributed else ""
-    return (
-        f"interrupted at step {step}; checkpoint saved in {out}. Resume with: "
-        f"energyssl {command} --config {out / 'config.yaml'} --resume{launcher}"
-    )
