@@ -177,6 +177,51 @@ class ProbeConfig(EvalConfig):
     out: str = _opt("runs/probe", "output folder: results.json, config.yaml, cached features")
 
 
+# What each segmentation protocol changes of segment's defaults (a flag or file still overrides
+# each): the linear probe trains a head only (no layer decay, drop path or weight decay); UperNet
+# fine-tunes with MAE's ADE20K recipe (lr 1e-4 at batch 16, layer decay 0.65, weight decay 0.05,
+# drop path 0.1; mmsegmentation's crops, random scales and flips).
+SEGMENT_LINEAR = {"blr": 1.6e-2, "weight_decay": 0.0, "layer_decay": 1.0, "drop_path": 0.0}
+SEGMENT_UPERNET = {"blr": 1.6e-3, "weight_decay": 0.05, "layer_decay": 0.65, "drop_path": 0.1}
+
+
+@dataclass
+class SegmentConfig(EvalConfig):
+    protocol: str = _opt(
+        "linear",
+        "linear (the frozen backbone's last patch features, BatchNorm and a 1x1 conv, as DINOv2's linear "
+        "segmentation) or upernet (the backbone fine-tuned under a UPerNet decoder on 4 feature levels, MAE's "
+        "ADE20K recipe: blr 1.6e-3, layer decay 0.65, weight decay 0.05, drop path 0.1) (default: linear: blr 1.6e-2, "
+        "no weight decay)",
+        presets={"linear": SEGMENT_LINEAR, "upernet": SEGMENT_UPERNET},
+    )
+    data: str = _opt(
+        "embedded",
+        "segmentation data: embedded (garments on a 56 px canvas), an ADE20K folder (images/training, "
+        "annotations/training, ...) or a folder of images/ and masks/",
+    )
+    num_classes: int | None = _opt(
+        None, "classes in the masks (default: the data's: 11 embedded, 150 ADE20K, else the largest label + 1)"
+    )
+    img_size: int | None = _opt(None, "crop size trained on and size scored at (default: the data's image size)")
+    epochs: int = _opt(20, "training epochs")
+    batch_size: int = _opt(16, "images per process and step")
+    blr: float = _opt(1.6e-2, "base learning rate; the actual lr is blr * total batch / 256")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    layer_decay: float = _opt(1.0, "layer-wise lr decay of the backbone under the decoder (upernet); 1 disables")
+    drop_path: float = _opt(0.0, "stochastic depth rate of the backbone (upernet)")
+    scale_range: list = _opt([0.5, 2.0], "random scale of the shorter side, as a multiple of the crop size")
+    decoder_channels: int | None = _opt(None, "UPerNet decoder width (default: the backbone's last width, <= 512)")
+    accum_iter: int = _opt(1, ACCUM_ITER_HELP)
+    grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
+    eval_every: int = _opt(5, "score the --eval-split every N epochs (and always after the last)")
+    save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
+    resume: str | None = _opt(
+        None, "resume from a checkpoint folder, or 'auto' for the latest in --out (the flag alone)"
+    )
+    out: str = _opt("runs/segment", "output folder: checkpoints, results.json, metrics.jsonl, config.yaml")
+
+
 METHOD_OPTIONS = "method_options"  # where the method options given as flags go
 FLAG_CONSTS = {"resume": "auto"}  # flags that may be given without a value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,32 +13,34 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class TransformedDataset(Dataset):
-    """Applies a transform to the images of another dataset, keeping labels."""
+    """Applies a transform to the images of another dataset, keeping labels (``joint``: to the
+    (image, target) pairs)."""
 
-    def __init__(self, dataset: Dataset, transform) -> None:
-        self.dataset, self.transform = dataset, transform
+    def __init__(self, dataset: Dataset, transform, joint: bool = False) -> None:
+        self.dataset, self.transform, self.joint = dataset, transform, joint
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         image, label = self.dataset[index]
-        return self.transform(image), label
+        return self.transform(image, label) if self.joint else (self.transform(image), label)
 
 
 class SeededAugmentation(Dataset):
     """A random transform whose randomness (torch's, numpy's and Python's: timm's RandAugment draws
     from all three) is fixed by (seed, epoch, index), never drawn from the process's random
     state: a resumed run, and any number of loader workers, see the same crops as the
-    uninterrupted run. Indexed by the (epoch, index) pairs of :class:`EpochSampler`."""
+    uninterrupted run. Indexed by the (epoch, index) pairs of :class:`EpochSampler`. ``joint``:
+    the transform takes and returns the (image, target) pair (a mask moves with its image)."""
 
-    def __init__(self, dataset: Dataset, transform, seed: int) -> None:
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, transform, seed: int, joint: bool = False) -> None:
+        self.dataset, self.transform, self.seed, self.joint = dataset, transform, seed, joint
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image, label = self.dataset[index]
         seed = hash((self.seed, epoch, index)) & (2**63 - 1)
@@ -47,7 +50,7 @@ class SeededAugmentation(Dataset):
                 torch.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed % 2**32)
-                return self.transform(image), label
+                return self.transform(image, label) if self.joint else (self.transform(image), label)
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)

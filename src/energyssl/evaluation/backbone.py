@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from ..checkpoint import BACKBONE, LATEST, WEIGHTS, describe_mismatch, find_checkpoint, read_metadata
@@ -76,10 +77,12 @@ def build_classifier(
     in_chans: int,
     img_size: int,
     patch_size: int | None = None,
+    any_size: bool = False,
     **model_args: Any,
 ) -> tuple[nn.Module, str, Initialisation]:
     """A timm classifier with ``num_classes`` outputs, initialised from ``init`` (or 'none'; or
-    'pixels', no network at all, for probes)."""
+    'pixels', no network at all, for probes). ``any_size``: a ViT pretrained at another image
+    size is built at ``img_size``, its position embedding resampled (dense tasks' larger crops)."""
     if init == "pixels":
         return Pixels(), "pixels", Initialisation(None, None, 0)
     if init == "none":
@@ -102,15 +105,27 @@ def build_classifier(
         saved_patch = None if metadata.get("patch_size") in (None, "None") else int(metadata["patch_size"])
         saved_kwargs = backbone_kwargs(name, int(metadata["img_size"]), int(metadata["in_chans"]), saved_patch)
     kwargs = {**saved_kwargs, **backbone_kwargs(name, img_size, in_chans, patch_size)}
-    differing = {k: (saved_kwargs[k], v) for k, v in kwargs.items() if k in saved_kwargs and saved_kwargs[k] != v}
+    differing = {k: (saved_kwargs[k], v) for k, v in kwargs.items()
+                 if k in saved_kwargs and saved_kwargs[k] != v and not (any_size and k == "img_size")}  # fmt: skip
     if differing:
         detail = ", ".join(f"{k}: checkpoint {a} vs data {b}" for k, (a, b) in differing.items())
         raise UserError(f"checkpoint {path} does not fit this data ({detail})")
     model = create_backbone(name, **kwargs, **model_args)
     model.reset_classifier(num_classes)
-    load_backbone_weights(model, state, path)
+    load_backbone_weights(model, fit_positions(state, model) if any_size else state, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return model, name, Initialisation(str(path), digest, len(state))
+
+
+def fit_positions(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """A ViT's absolute position embedding resampled (timm's bicubic resampling) to the model's
+    patch grid, when it was trained on another; any other state as it is."""
+    saved, wanted = state.get("pos_embed"), model.state_dict().get("pos_embed")
+    if saved is None or wanted is None or saved.shape == wanted.shape:
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    grid = list(model.patch_embed.grid_size)
+    return {**state, "pos_embed": resample_abs_pos_embed(saved, grid, num_prefix_tokens=prefix)}
 
 
 def classifier_keys(model: nn.Module) -> set[str]:

@@ -22,7 +22,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars, create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
@@ -58,7 +58,7 @@ from ..metrics import MetricsLogger
 from ..models import enable_grad_checkpointing
 from ..precision import Precision, amp_dtype_for
 from ..schedules import warmup_cosine
-from .prepare import EvalData, EvalSetup, prepare, results_record
+from .prepare import EvalData, EvalSetup, load_eval_data, prepare, results_record
 from .results import accuracy_from_counts, correct_counts, scored_ks, summary_line, write_results
 
 # What a resumed fine-tune may change of its config: how far it goes, where and how it logs.
@@ -113,20 +113,56 @@ def lars_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.op
 
 @dataclass(frozen=True)
 class Route:
-    """What the loop trains and how the run names itself: the full fine-tune, or MAE's linear
-    probe (``probe --recipe mae``, whose own config is the one saved and resumed)."""
+    """What the loop trains and scores, and how the run names itself: the full fine-tune of a
+    classifier, MAE's linear probe (``probe --recipe mae``, whose own config is the one saved and
+    resumed), or a dense task (``segment``: its own data, transforms, loss and score)."""
 
     command: str = "finetune"  # the command that resumes the run
     protocol: str = "finetune"  # results.json's protocol
     model: Callable[[nn.Module], nn.Module] = lambda classifier: classifier
     optimizer: Callable[[nn.Module, FinetuneConfig, float], torch.optim.Optimizer] = layer_decay_optimizer
     saved: EvalConfig | None = None  # the config in config.yaml (default: the fine-tune's)
+    primary: str = "top1"  # the metric that ranks scored epochs
+    any_size: bool = False  # a ViT pretrained at another image size is resampled to this data's
+    joint: bool = False  # the transforms take (image, target) pairs (dense targets)
+    collate: Callable | None = None  # how scored batches are put together (default: stacked)
+    scored_batch: int = 256  # images per scoring batch
+
+    def load_data(self, cfg: EvalConfig, out: Path, world: World) -> EvalData:
+        return load_eval_data(cfg, out, world)
+
+    def transforms(self, cfg: FinetuneConfig, data: EvalData) -> tuple[Callable, Callable]:
+        """(the training augmentation, the evaluation transform)."""
+        augment = finetune_transform(data.info, data.img_size, tuple(cfg.crop_scale), cfg.randaug)
+        return augment, eval_transform(data.info, data.img_size)
+
+    def scored_dataset(self, data: EvalData, world: World, transform: Callable) -> Dataset:
+        """This process's shard of the scored split, transformed."""
+        return TransformedDataset(shard(data.scored, world), transform)
+
+    def criterion_and_mixup(self, cfg: FinetuneConfig, classes: int) -> tuple[nn.Module, Mixup | None]:
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            mixup = Mixup(
+                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes
+            )
+            return SoftTargetCrossEntropy(), mixup
+        return (LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()), None
+
+    def counts(self, model: nn.Module, loader: DataLoader, device: torch.device, classes: int) -> torch.Tensor:
+        """What scoring adds up over the scored split (sums: disjoint shards' counts add)."""
+        return correct_counts(model, loader, device, scored_ks(classes))
+
+    def metrics(self, counts: torch.Tensor, classes: tuple[str, ...]) -> dict:
+        """The scores of the summed counts."""
+        return accuracy_from_counts(counts, scored_ks(len(classes)))
 
 
 FINETUNE = Route()
 
 
-def loaders(cfg: FinetuneConfig, data: EvalData, setup: EvalSetup) -> tuple[EpochSampler, DataLoader, DataLoader]:
+def loaders(
+    cfg: FinetuneConfig, data: EvalData, setup: EvalSetup, route: Route
+) -> tuple[EpochSampler, DataLoader, DataLoader]:
     """This process's share of the labeled subset, augmented (seeded per image and epoch, so a
     resumed run sees the same crops) in full batches; its share of the scored split."""
     world, device = setup.world, setup.device
@@ -138,11 +174,11 @@ def loaders(cfg: FinetuneConfig, data: EvalData, setup: EvalSetup) -> tuple[Epoc
         where = " per process" if world.distributed else ""
         print(f"only {per_process} labeled images{where}: batch {cfg.batch_size} -> {batch}, and the lr with it")
     workers, pin = loader_workers(cfg.num_workers, device, world), device.type == "cuda"
-    augment = finetune_transform(data.info, data.img_size, tuple(cfg.crop_scale), cfg.randaug)
-    train = SeededAugmentation(data.train, augment, cfg.seed)
+    augment, evaluate = route.transforms(cfg, data)
+    train = SeededAugmentation(data.train, augment, cfg.seed, route.joint)
     sampler = EpochSampler(DistributedSampler(train, world.size, world.rank, shuffle=True, seed=cfg.seed,
                                               drop_last=True))  # fmt: skip
-    scored = TransformedDataset(shard(data.scored, world), eval_transform(data.info, data.img_size))
+    scored = route.scored_dataset(data, world, evaluate)
     return (
         sampler,
         DataLoader(
@@ -154,17 +190,8 @@ def loaders(cfg: FinetuneConfig, data: EvalData, setup: EvalSetup) -> tuple[Epoc
             pin_memory=pin,
             generator=torch.Generator().manual_seed(cfg.seed),
         ),  # fmt: skip
-        DataLoader(scored, batch_size=256, num_workers=workers, pin_memory=pin),
+        DataLoader(scored, route.scored_batch, num_workers=workers, pin_memory=pin, collate_fn=route.collate),
     )
-
-
-def criterion_and_mixup(cfg: FinetuneConfig, classes: int) -> tuple[nn.Module, Mixup | None]:
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=classes
-        )
-        return SoftTargetCrossEntropy(), mixup
-    return (LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()), None
 
 
 @dataclass
@@ -251,14 +278,15 @@ class Trainer:
             self.logger.log(self.step, record)
 
     def score(self, loader: DataLoader) -> dict[str, float]:
-        """Top-k accuracy over the whole scored split: each process counts its shard, the counts add."""
+        """The route's scores over the whole scored split: each process counts its shard, the
+        counts add."""
         broadcast_buffers(self.net, self.world)
-        ks = scored_ks(self.setup.data.info.num_classes)
+        info = self.setup.data.info
         models = {"": self.net, **({"ema_": self.ema.module} if self.ema is not None else {})}
         metrics = {}
         for prefix, model in models.items():
-            counts = sum_across(correct_counts(model, loader, self.setup.device, ks), self.world)
-            metrics |= {prefix + key: value for key, value in accuracy_from_counts(counts, ks).items()}
+            counts = sum_across(self.route.counts(model, loader, self.setup.device, info.num_classes), self.world)
+            metrics |= {prefix + key: value for key, value in self.route.metrics(counts, info.classes).items()}
         return metrics
 
     def save(self) -> None:
@@ -314,9 +342,9 @@ def start(cfg: FinetuneConfig, world: World, route: Route) -> tuple[Trainer, Epo
     out = Path(cfg.out)
     if max_across(float((out / ckpt.LATEST).exists() and not cfg.resume), world) > 0:  # every process refuses
         raise UserError(f"{out} already holds a {route.protocol} run: pass --resume to continue it, or another --out")
-    setup = prepare(cfg, world, route.saved, drop_path_rate=cfg.drop_path)
+    setup = prepare(cfg, world, route.saved, route.load_data, route.any_size, drop_path_rate=cfg.drop_path)
     seed_everything(cfg.seed + world.rank)  # the model is alike on every process; drop path and mixup are not
-    sampler, train_loader, scored_loader = loaders(cfg, setup.data, setup)
+    sampler, train_loader, scored_loader = loaders(cfg, setup.data, setup, route)
     if not 1 <= cfg.accum_iter <= len(train_loader):
         raise UserError(f"accum_iter must be in [1, {len(train_loader)}] (an epoch's batches), got {cfg.accum_iter}")
     total_batch = train_loader.batch_size * world.size * cfg.accum_iter  # type: ignore[operator]
@@ -331,7 +359,7 @@ def start(cfg: FinetuneConfig, world: World, route: Route) -> tuple[Trainer, Epo
     metadata = {"model": setup.model_name, "num_classes": str(info.num_classes), "img_size": str(setup.data.img_size),
                 "in_chans": str(info.in_chans), "batch_size": str(total_batch)}  # fmt: skip
     trainer = Trainer(
-        model, model, route.optimizer(model, cfg, base_lr), lr_at, *criterion_and_mixup(cfg, info.num_classes),
+        model, model, route.optimizer(model, cfg, base_lr), lr_at, *route.criterion_and_mixup(cfg, info.num_classes),
         ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None,
         Precision.build(amp_dtype_for(cfg.amp, setup.device), setup.device), setup, metadata, steps, cfg, route,
     )  # fmt: skip
@@ -380,12 +408,12 @@ def end_of_epoch(trainer: Trainer, scored_loader: DataLoader) -> dict:
     metrics: dict = {}
     if trainer.step >= trainer.last_step or (epoch + 1) % cfg.eval_every == 0:
         metrics = trainer.score(scored_loader)
-        trainer.best = max(trainer.best, (metrics["top1"], epoch))
+        trainer.best = max(trainer.best, (metrics[trainer.route.primary], epoch))
         if trainer.logger is not None:
             scores = {f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}
             trainer.logger.log(trainer.step, {"epoch": epoch, **scores})
         if trainer.world.is_main:
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
     if trainer.step == (epoch + 1) * trainer.steps_per_epoch:
         trainer.epoch += 1
     trainer.save()
@@ -396,7 +424,7 @@ def finish(trainer: Trainer, metrics: dict) -> dict:
     """results.json and the summary line, once."""
     cfg, setup = trainer.cfg, trainer.setup
     if cfg.eval_split == "val":  # epochs are chosen on validation; the best test epoch is never reported
-        metrics["top1_best"], metrics["best_epoch"] = trainer.best
+        metrics[f"{trainer.route.primary}_best"], metrics["best_epoch"] = trainer.best
     record = results_record(trainer.route.saved or cfg, setup, trainer.route.protocol, metrics, len(setup.data.train))
     if trainer.world.is_main:
         write_results(setup.out, record)

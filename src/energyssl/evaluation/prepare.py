@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,18 +53,27 @@ def labeled_subset(labels: np.ndarray, rest: np.ndarray, fraction: float, seed: 
     return rest[balanced_subset(labels[rest], share, seed)]
 
 
-def load_eval_data(cfg: EvalConfig, out: Path, world: World = MAIN) -> EvalData:
+def load_eval_data(
+    cfg: EvalConfig,
+    out: Path,
+    world: World = MAIN,
+    source: Callable[[bool], Dataset] | None = None,
+    labels_of: Callable[[Dataset], np.ndarray] = dataset_labels,
+) -> EvalData:
     """The labeled subset (indices saved in ``labeled_subset.json``) and the split to score:
     the validation split carved from the training labels, or the test split. Every process
-    draws the same subset (it depends on the seed only); the main one writes and says."""
+    draws the same subset (it depends on the seed only); the main one writes and says.
+    ``source(train)`` gives a split (default: ``--data``'s classification set); subsets are
+    balanced over the classes ``labels_of`` reads (one class for all: a uniform draw)."""
     if cfg.eval_split not in EVAL_SPLITS:
         raise UserError(f"eval_split must be val or test, got '{cfg.eval_split}'")
     if not 0 < cfg.label_fraction <= 1:
         raise UserError(f"label fraction must be in (0, 1] (a share of the training labels), got {cfg.label_fraction}")
     if not 0 <= cfg.val_size < 1 or (cfg.eval_split == "val" and cfg.val_size == 0):
         raise UserError(f"val_size must be in [0, 1) and above 0 with --eval-split val, got {cfg.val_size}")
-    train = load_dataset(cfg.data, train=True, val_fraction=cfg.val_fraction)
-    labels = dataset_labels(train)
+    source = source or (lambda train: load_dataset(cfg.data, train=train, val_fraction=cfg.val_fraction))
+    train = source(True)
+    labels = labels_of(train)
     val, rest = validation_split(labels, cfg.val_size)
     subset = labeled_subset(labels, rest, cfg.label_fraction, cfg.seed)
     if world.is_main:
@@ -75,8 +85,8 @@ def load_eval_data(cfg: EvalConfig, out: Path, world: World = MAIN) -> EvalData:
         scored: Dataset = Subset(train, val.tolist())
         name = f"val: a fixed {cfg.val_size:.0%} of each class of the training labels"
     else:
-        scored = load_dataset(cfg.data, train=False, val_fraction=cfg.val_fraction)
-        dataset_labels(scored)
+        scored = source(False)
+        labels_of(scored)
         name = getattr(scored, "split", f"test split of {cfg.data}")
     if world.is_main:
         print(f"scored on {name} ({len(scored)} images)")
@@ -98,16 +108,31 @@ class EvalSetup:
     started: float
 
 
-def prepare(cfg: EvalConfig, world: World = MAIN, saved: EvalConfig | None = None, **model_args: Any) -> EvalSetup:
-    """Seed, load the labeled data, build the classifier from ``--init`` (alike on every
-    process) and save the config (``saved``, when the command's own config is another)."""
+def prepare(
+    cfg: EvalConfig,
+    world: World = MAIN,
+    saved: EvalConfig | None = None,
+    load: Callable[[EvalConfig, Path, World], EvalData] = load_eval_data,
+    any_size: bool = False,
+    **model_args: Any,
+) -> EvalSetup:
+    """Seed, load the labeled data (``load``), build the classifier from ``--init`` (alike on
+    every process; ``any_size``: a ViT pretrained at another image size too) and save the config
+    (``saved``, when the command's own config is another)."""
     started = time.perf_counter()
     out = Path(cfg.out)
     device = resolve_device(cfg.device, world)
     seed_everything(cfg.seed)
-    data = load_eval_data(cfg, out, world)
+    data = load(cfg, out, world)
     model, name, init = build_classifier(
-        cfg.init, cfg.model, data.info.num_classes, data.info.in_chans, data.img_size, cfg.patch_size, **model_args
+        cfg.init,
+        cfg.model,
+        data.info.num_classes,
+        data.info.in_chans,
+        data.img_size,
+        cfg.patch_size,
+        any_size,
+        **model_args,
     )
     if world.is_main:
         save_yaml(saved or cfg, out / "config.yaml")
