@@ -334,12 +334,20 @@ def stage_sweep(args: argparse.Namespace) -> None:
         save_choice(choice_file(args, method), {"setting": best(settings), "tried": settings})
 
 
+CHOICES_RECORD = Path(__file__).parent / "results" / "protocol_choices.json"  # the sweep's choices, kept
+
+
 def choice_file(args: argparse.Namespace, method: str) -> Path:
     return Path(args.out) / method / "choice.json"
 
 
 def chosen(args: argparse.Namespace, method: str) -> str:
-    return load_choice(choice_file(args, method), "sweep")["setting"]
+    """The setting the sweep chose (its record in the results when this checkout's runs folder
+    has none, as for the recipe)."""
+    file = choice_file(args, method)
+    if file.exists() or not CHOICES_RECORD.exists():
+        return load_choice(file, "sweep")["setting"]
+    return json.loads(CHOICES_RECORD.read_text())[method]
 
 
 # -- final numbers on test ----------------------------------------------------------------------
