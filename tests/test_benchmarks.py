@@ -188,8 +188,65 @@ class FakeRuns:
             (out / "backbone.safetensors").write_bytes(b"")
         else:
             top1 = int(hashlib.sha256(str(out).encode()).hexdigest(), 16) % 1000 / 10
-            (out / "results.json").write_text(json.dumps({"metrics": {"top1": top1}}))
+            (out / "results.json").write_text(json.dumps({"metrics": {"top1": top1, "miou": top1}}))
         return 0
+
+
+def test_segmentation_transfer_chooses_each_rows_lr_on_validation_and_resumes(tmp_path, monkeypatch):
+    """Each row (random init, each method's chosen pretraining) gets the same lr grid on
+    validation at the first seed, then the chosen lr on test at every seed; the scores file
+    makes a second call (a fresh checkout) measure nothing, and the report pairs by seed."""
+    segmentation = _load("segmentation_transfer")
+    monkeypatch.setattr(accuracy, "subprocess", FakeRuns)
+    commands = []
+    original = accuracy.energyssl
+    monkeypatch.setattr(
+        accuracy, "energyssl", lambda args, command, folder: (commands.append(command), original(args, command, folder))
+    )
+    scores = tmp_path / "results" / "segmentation_scores.json"
+    argv = [
+        "--data",
+        "embedded",
+        "--model",
+        "essl_vit_micro_patch7",
+        "--batch-size",
+        "32",
+        "--budget",
+        "0.02",
+        "--methods",
+        "energy",
+        "mae",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(tmp_path / "runs"),
+        "--scores",
+        str(scores),
+    ]
+    segmentation.main(argv)
+    segments = [c for c in commands if c[0] == "segment"]
+    assert len(segments) == 3 * (3 + 2)  # 3 rows: 3 lrs on val, then test at 2 seeds
+    for command in segments:
+        split, blr = command[command.index("--eval-split") + 1], command[command.index("--blr") + 1]
+        assert split == "test" or command[command.index("--seed") + 1] == "0"
+        assert blr in {f"{lr:g}" for lr in segmentation.LRS}
+    assert {c[c.index("--init") + 1] for c in segments if "none" not in c} == {
+        str(p) for p in (tmp_path / "runs").glob("*/*/b0.02-s*/pretrain")
+    }  # each method's own pretraining, per seed
+    values = json.loads(scores.read_text())["scores"]
+    for row in ("scratch", "energy", "mae"):
+        blr, found = segmentation.test_values(segmentation.parse_args(argv), values, row)
+        val = {lr: values[f"{row}/s0/val-blr{lr}"] for lr in ("0.004", "0.016", "0.064")}
+        assert blr == accuracy.best(val) and len(found) == 2
+    report = (scores.parent / "segmentation.md").read_text()
+    assert "| mae | blr0.003-dec96x1 |" in report and "| mae | " in report.split("Energy minus")[1]
+    commands.clear()
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    segmentation.main(argv)
+    assert commands == []
 
 
 def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):

@@ -83,7 +83,8 @@ def load_eval_data(
         )
     if cfg.eval_split == "val":
         scored: Dataset = Subset(train, val.tolist())
-        name = f"val: a fixed {cfg.val_size:.0%} of each class of the training labels"
+        of = "of each class of the training labels" if len(np.unique(labels)) > 1 else "of the training images"
+        name = f"val: a fixed {cfg.val_size:.0%} {of}"
     else:
         scored = source(False)
         labels_of(scored)
