@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 SECTIONS = [
     ("Accuracy against pretraining compute: the protocol", "protocol.md"),
     ("The paper's Table 4 at our scale: tasks, AE + task, K (in progress)", "table4.md"),
+    ("Semantic segmentation: the linear probe after each method's pretraining (in progress)", "segmentation.md"),
     ("Our MAE against a reference implementation (lightly)", "peer_check.md"),
     ("Superseded: accuracy at equal pretraining wall time (chosen on test, one seed)", "accuracy_per_compute.md"),
     ("Superseded: restoration steps K at equal wall time (chosen on test, one seed)", "k_ablation.md"),

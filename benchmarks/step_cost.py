@@ -5,6 +5,12 @@ Each method runs in its own process, so its peak memory is its own: on CPU the g
 peak resident set over the process's size before the first step, on CUDA the peak allocated.
 
     python benchmarks/step_cost.py --model essl_vit_mini_patch7 --batch-size 64 --repeats 5
+    python benchmarks/step_cost.py --profile --methods supervised "energy K=1 exact"   # top operators of a step
+
+``--profile`` runs one step of each method under ``torch.profiler`` (after a warm-up) and prints
+its operators by self time, and how many operator calls the step makes: where an energy step's
+time goes (the double backward's many small kernels). It compiles nothing (``--compile`` is not
+built yet): the rows are eager.
 """
 
 from __future__ import annotations
@@ -117,6 +123,24 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     return {"img_per_s": median, "spread": (max(rates) - min(rates)) / median, "peak_mb": peak, "gflops": flops / 1e9}
 
 
+def profile(method: str, args: argparse.Namespace) -> dict:
+    """Run in a fresh process: one profiled step of ``method``, its top operators by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    step = build_step(method, args.model, args.batch_size, args.task, args.device)
+    step()  # warm-up
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (args.device != "cpu")
+    with profiler(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    key = "self_cpu_time_total" if args.device == "cpu" else "self_device_time_total"
+    table = events.table(sort_by=key, row_limit=args.top)
+    return {"calls": sum(e.count for e in events if e.key.startswith("aten::")), "table": table}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="essl_vit_mini_patch7")
@@ -128,7 +152,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/step_cost")
+    parser.add_argument("--profile", action="store_true", help="print each step's top operators instead")
+    parser.add_argument("--top", type=int, default=15, help="--profile: operators shown")
     args = parser.parse_args()
+    if args.profile:
+        write_profiles(args)
+        return
     if "supervised" not in args.methods:
         parser.error("--methods must include supervised (the ratios' reference)")
     results = {}
@@ -168,6 +197,21 @@ def main() -> None:
     table += "\n".join(rows)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
+
+
+def write_profiles(args: argparse.Namespace) -> None:
+    """Each method's profile in its own process, printed and saved as ``{out}_profile.md``."""
+    context, parts = multiprocessing.get_context("spawn"), []
+    for method in args.methods:
+        with context.Pool(1) as pool:
+            result = pool.apply(profile, (method, args))
+        parts.append(f"### {method}: {result['calls']} aten operator calls in one step\n\n```\n{result['table']}```\n")
+        print(parts[-1], flush=True)
+    header = f"{args.model}, batch {args.batch_size}, task {args.task}, {args.threads} threads, {args.device}, eager"
+    command = shlex.join(["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + "_profile.md").write_text(f"{header}\n\nRegenerate: `{command}`\n\n" + "\n".join(parts))
 
 
 if __name__ == "__main__":

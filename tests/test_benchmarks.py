@@ -145,6 +145,21 @@ def test_step_cost_reports_ratios_and_memory(tmp_path):
     assert bad.returncode == 2 and "must include supervised" in bad.stderr
 
 
+def test_step_cost_profile_counts_the_operators_of_a_step(tmp_path):
+    """--profile: each step's top operators, and the energy step makes many more operator calls
+    than the supervised one (the double backward)."""
+    out = tmp_path / "cost"
+    cmd = [
+        sys.executable, str(BENCHMARKS / "step_cost.py"), "--model", "essl_vit_micro_patch7", "--batch-size", "4",
+        "--methods", "supervised", "energy K=1 exact", "--profile", "--top", "5", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "cost_profile.md").read_text()
+    calls = [int(line.split(": ")[1].split()[0]) for line in report.splitlines() if line.startswith("### ")]
+    assert len(calls) == 2 and calls[1] > 1.5 * calls[0] > 0 and "aten::" in report
+
+
 def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path):
     """The device check's code paths, tiny and on CPU, so the script cannot rot between GPU runs."""
     out = tmp_path / "check"
