@@ -149,6 +149,8 @@ def test_five_steps_of_each_protocol_score_every_class(tmp_path, protocol, model
     assert 0 < metrics["miou"] < 100 and 0 < metrics["pixel_acc"] < 100
     assert len(metrics["per_class_iou"]) == 11 and "background" in metrics["per_class_iou"]
     assert record["config"]["protocol"] == protocol and len(losses(tmp_path)) == 5
+    table = cli("report", str(tmp_path)).stdout  # energyssl report lists it, mIoU where top-1 would be
+    assert f"| segment-{protocol} | {model} |" in table and f"| {metrics['miou']:.2f} |" in table
 
 
 def test_a_pretrained_vit_segments_at_another_image_size(tmp_path):

@@ -86,7 +86,7 @@ def report(paths: list[str]) -> str:
             raise UserError(f"no such file or folder: {p}")
     if not files:
         raise UserError(f"no {RESULTS} found under {', '.join(paths)}")
-    rows = ["| run | protocol | model | init | data | labels | seed | scored on | top-1 | best val top-1 | top-5 |"
+    rows = ["| run | protocol | model | init | data | labels | seed | scored on | top-1 (mIoU) | best val | top-5 |"
             " time (s) |"]  # fmt: skip
     rows.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for f in files:
@@ -97,8 +97,8 @@ def report(paths: list[str]) -> str:
             scored = r["config"].get("eval_split", "test")
             rows.append(
                 f"| {f.parent.name} | {r['protocol']} | {r['model']} | {init} | {r['dataset']} | "
-                f"{label_share(r['label_fraction'])} | {r['seed']} | {scored} | {m['top1']:.2f} | "
-                f"{_fmt(m.get('top1_best'))} | "
+                f"{label_share(r['label_fraction'])} | {r['seed']} | {scored} | {m.get('top1', m.get('miou')):.2f} | "
+                f"{_fmt(m.get('top1_best', m.get('miou_best')))} | "
                 f"{_fmt(m.get('top5'))} | {r['wall_time_s']:.0f} |"
             )
         except (KeyError, ValueError, TypeError):

@@ -204,11 +204,15 @@ class SegmentRoute(Route):
     """The fine-tuning loop on (image, mask) pairs: segmentation data, joint transforms, a
     per-pixel loss that skips :data:`IGNORE`, and mIoU."""
 
-    segment: SegmentConfig | None = None
+    @property
+    def segment(self) -> SegmentConfig:
+        """The command's own config (the one saved): its data and scale keys."""
+        if not isinstance(self.saved, SegmentConfig):
+            raise TypeError("a SegmentRoute saves the segment command's config")
+        return self.saved
 
     def load_data(self, cfg: EvalConfig, out: Path, world: World) -> EvalData:
         seg = self.segment
-        assert seg is not None
 
         def source(train: bool) -> Dataset:
             return load_segmentation(seg.data, train, seg.num_classes, seg.val_fraction)
@@ -216,7 +220,6 @@ class SegmentRoute(Route):
         return load_eval_data(cfg, out, world, source, unlabeled)
 
     def transforms(self, cfg: FinetuneConfig, data: EvalData) -> tuple[Paired, Paired]:
-        assert self.segment is not None
         augment = train_transform(data.info, data.img_size, tuple(self.segment.scale_range))
         return Paired(augment), Paired(eval_transform(data.info, data.img_size), resize_mask=False)
 
@@ -262,6 +265,6 @@ def segment(cfg: SegmentConfig) -> dict:
         model, optimizer = (lambda c: UperNetSegmenter(c, c.num_classes, cfg.decoder_channels)), upernet_optimizer
     route = SegmentRoute(
         "segment", f"segment-{cfg.protocol}", model, optimizer, saved=cfg, primary="miou", any_size=True, joint=True,
-        collate=collate_masks, scored_batch=cfg.batch_size, segment=cfg,
+        collate=collate_masks, scored_batch=cfg.batch_size,
     )  # fmt: skip
     return finetune(run, route)
