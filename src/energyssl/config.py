@@ -38,6 +38,10 @@ ACCUM_ITER_HELP = (
     "accum_iter, and the lr and the schedule's steps follow it"
 )
 GRAD_CHECKPOINTING_HELP = "recompute activations in the backward pass, not keeping them: less memory, more compute"
+COMPILE_HELP = (
+    "torch.compile the model's forward (its backward follows) with this backend: the flag alone is inductor; "
+    "aot_eager traces without generating code (to check that a model compiles); off by default"
+)
 
 
 @dataclass
@@ -103,6 +107,7 @@ class PretrainConfig(CommonConfig):
     accum_iter: int = _opt(1, ACCUM_ITER_HELP)
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
     grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
+    compile: str | None = _opt(None, COMPILE_HELP)
     crop_scale: list = _opt([0.2, 1.0], "RandomResizedCrop scale range")
     save_every: int = _opt(200, "save a checkpoint every N steps (and at each epoch end)")
     resume: str | None = _opt(
@@ -125,6 +130,7 @@ class EvalConfig(CommonConfig):
         0.1, "share of each class of the training labels kept apart as the validation split (fixed; 0: none)"
     )
     eval_split: str = _opt("test", "split scored: val (to choose settings) or test (once, for the final numbers)")
+    compile: str | None = _opt(None, COMPILE_HELP)
     blr: float = _opt(2e-3, "base learning rate; the actual lr is blr * batch / 256")
     out: str = _opt("runs/eval", "output folder: results.json, metrics.jsonl, config.yaml")
 
@@ -223,7 +229,7 @@ class SegmentConfig(EvalConfig):
 
 
 METHOD_OPTIONS = "method_options"  # where the method options given as flags go
-FLAG_CONSTS = {"resume": "auto"}  # flags that may be given without a value
+FLAG_CONSTS = {"resume": "auto", "compile": "inductor"}  # flags that may be given without a value
 
 
 def _default(f: Field) -> Any:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import checkpoint as ckpt
+from .compiling import check_backend
 from .config import PretrainConfig, refuse_changes, save_yaml
 from .data import DataInfo, EpochSampler, SeededAugmentation, eval_transform, load_dataset, load_held_out, skip_batches
 from .distributed import (
@@ -52,6 +53,7 @@ def validate(cfg: PretrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_backend(cfg.compile)
     # an option that could not take effect is an error; config.yaml then records every option
     cfg.method_options = asdict(method_options(cfg.method, cfg.method_options))
     if not method_class(cfg.method).uses_crop_scale and cfg.crop_scale != PretrainConfig().crop_scale:
@@ -88,7 +90,7 @@ def run_metadata(cfg: PretrainConfig, method: Method, img_size: int, in_chans: i
 # (and the method's options it names safe); anything else would make it another run than the
 # one its checkpoints continue.
 SAFE_ON_RESUME = ("max_steps", "time_budget", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp",
-                  "grad_checkpointing")  # fmt: skip
+                  "grad_checkpointing", "compile")  # fmt: skip
 
 
 def resume_changes(saved: PretrainConfig, cfg: PretrainConfig) -> list[str]:
@@ -308,6 +310,8 @@ def start_run(cfg: PretrainConfig, world: World) -> Run:
     }  # fmt: skip
     if cfg.resume:
         resume(cfg, setup, optimizer, state, metadata, world)
+    if cfg.compile:  # after the FLOP count and the resume, before DDP
+        setup.method.compile_step(cfg.compile, world.is_main)
     trained: nn.Module = setup.method
     if world.distributed:
         ids = [device.index] if device.type == "cuda" else None

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
+from ..compiling import check_backend, compile_forward
 from ..config import EvalConfig, FinetuneConfig, refuse_changes
 from ..data import (
     EpochSampler,
@@ -63,7 +64,7 @@ from .results import accuracy_from_counts, correct_counts, scored_ks, summary_li
 
 # What a resumed fine-tune may change of its config: how far it goes, where and how it logs.
 SAFE_ON_RESUME = ("max_steps", "num_workers", "log_every", "tensorboard", "save_every", "device", "amp",
-                  "grad_checkpointing")  # fmt: skip
+                  "grad_checkpointing", "compile")  # fmt: skip
 
 
 def resume_changes(saved: FinetuneConfig, cfg: FinetuneConfig) -> list[str]:
@@ -328,6 +329,7 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UserError(f"save_every and accum_iter must be >= 1, got {cfg.save_every} and {cfg.accum_iter}")
     if cfg.init == "pixels":
         raise UserError("--init pixels is for probes (the raw-pixel floor); fine-tuning needs a network")
+    check_backend(cfg.compile)
 
 
 def finetune(cfg: FinetuneConfig, route: Route = FINETUNE) -> dict:
@@ -365,6 +367,8 @@ def start(cfg: FinetuneConfig, world: World, route: Route) -> tuple[Trainer, Epo
     )  # fmt: skip
     if cfg.resume:
         trainer.resume(ckpt.find_checkpoint(out if cfg.resume == "auto" else Path(cfg.resume)))
+    if cfg.compile:  # after the EMA's copy, before DDP
+        compile_forward(model, cfg.compile, world.is_main)
     if world.distributed:
         trainer.trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write, read_metadata
+from ..compiling import check_backend, compile_forward
 from ..config import EvalConfig, FinetuneConfig, ProbeConfig
 from ..data import TransformedDataset, eval_transform
 from ..distributed import World, barrier, gather_shards, loader_workers, max_across, process_group, shard
@@ -279,6 +280,7 @@ def validate(cfg: ProbeConfig) -> None:
         raise UserError("--recipe mae is a linear probe through a network: give --protocol linear and a --init")
     if cfg.recipe == "cached" and (cfg.accum_iter != 1 or cfg.resume):
         raise UserError("--accum-iter and --resume apply to --recipe mae only (the cached probe runs in minutes)")
+    check_backend(cfg.compile)
 
 
 def mae_linear_probe(cfg: ProbeConfig) -> dict:
@@ -296,6 +298,8 @@ def mae_linear_probe(cfg: ProbeConfig) -> dict:
 def _probe(cfg: ProbeConfig, world: World) -> dict:
     setup = prepare(cfg, world)
     device, data, model = setup.device, setup.data, setup.model
+    if cfg.compile:  # the feature extraction
+        compile_forward(model, cfg.compile, world.is_main, "forward_features")
     classes = data.info.num_classes
     tokens = cfg.protocol == "attentive"
     width = token_shape(model, data.info.in_chans, data.img_size, device) if tokens else []

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..compiling import compile_forward
 from ..config import PretrainConfig
 from ..data import DataInfo, pretrain_transform
 from ..errors import UserError
@@ -122,6 +123,10 @@ class Method(nn.Module):
         them (by default the backbone's blocks, timm's way); returns what it does, to print."""
         enable_grad_checkpointing(self.backbone, model_name)
         return "gradient checkpointing: the backbone's blocks are recomputed in the backward pass"
+
+    def compile_step(self, backend: str, announce: bool) -> None:
+        """``--compile``: the forward compiled (AOT autograd derives its backward)."""
+        compile_forward(self, backend, announce)
 
     def configure_precision(self, amp: str, device: torch.device, saved: dict[str, str]) -> PrecisionChoice:
         """The autocast dtype of ``--amp`` on ``device``; ``saved`` is what a resumed run's

@@ -127,6 +127,18 @@ class EnergyMethod(Method):
             return "gradient checkpointing: each restoration step's graph is recomputed in the backward pass"
         return super().set_grad_checkpointing(model_name)
 
+    def compile_step(self, backend: str, announce: bool) -> None:
+        """The exact gradient's restoration compiled whole: dE/dx by ``torch.func`` so that the
+        double backward is the compiled graph's backward (:meth:`EnergyModel.energy_grad`)."""
+        if self.model.grad_mode == "exact":
+            if self.model.checkpoint_steps:
+                raise UserError(
+                    "--compile and --grad-checkpointing do not combine in exact mode: checkpointing needs "
+                    "autograd's saved-tensor hooks, which torch.func (the compiled input gradient) lacks"
+                )
+            self.model.functional = True
+        super().compile_step(backend, announce)
+
     def configure_precision(self, amp: str, device: torch.device, saved: dict[str, str]) -> PrecisionChoice:
         """The gradient mode and dtype (:func:`.precision.choose_precision`); a resumed run keeps
         the mode it chose, so that ``auto`` resolving otherwise here cannot change the optimizer."""

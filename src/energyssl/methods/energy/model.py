@@ -166,6 +166,7 @@ class EnergyModel(nn.Module):
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got '{grad_mode}'")
         self.grad_mode = grad_mode
         self.checkpoint_steps = False  # --grad-checkpointing in exact mode (see restore)
+        self.functional = False  # --compile: dE/dx by torch.func (see energy_grad)
         self.backbone = backbone
         num_features = num_features or getattr(backbone, "num_features", None)
         if not num_features:
@@ -196,14 +197,22 @@ class EnergyModel(nn.Module):
         """dE/dx at ``x`` (treated as a leaf). ``energy_fn`` replaces ``self.energy`` when the
         restored variable is not the image (patch sorting restores position embeddings).
         ``grad_scale`` follows PyTorch's AMP gradient-penalty recipe for fp16: scale before
-        ``autograd.grad``, unscale after."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            # Fused attention kernels have no double backward; the math backend does.
-            kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
-            with kernel:
-                energy = (energy_fn or self.energy)(x)
-                (grad,) = torch.autograd.grad(energy.sum() * grad_scale, x, create_graph=create_graph)
+        the input gradient, unscale after.
+
+        ``functional`` (``--compile``): the differentiable gradient is ``torch.func.grad``'s (the
+        same numbers as ``autograd.grad(create_graph=True)``, to the bit in eager), which dynamo
+        traces into the forward graph and whose double backward AOT autograd derives; there
+        ``autograd.grad`` on a ``requires_grad_()`` input breaks the graph. Checkpointing needs
+        autograd's saved-tensor hooks, which ``torch.func`` lacks, so eager runs keep autograd."""
+        energy_fn = energy_fn or self.energy
+        # fused attention kernels have no double backward; the math kernel does
+        kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
+        with torch.enable_grad(), kernel:
+            if create_graph and self.functional:
+                grad = torch.func.grad(lambda v: energy_fn(v).sum() * grad_scale)(x.detach())
+            else:
+                x = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(energy_fn(x).sum() * grad_scale, x, create_graph=create_graph)
         return grad / grad_scale if grad_scale != 1.0 else grad
 
     def restore(

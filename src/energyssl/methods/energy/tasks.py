@@ -93,7 +93,13 @@ class PixelTask:
     def __call__(
         self, model: EnergyModel, images: Tensor, generator: Generator, steps: int, grad_scale: float
     ) -> Restoration:
-        return model(images, self.corruption(images, generator), steps=steps, grad_scale=grad_scale)
+        return model(images, self.corrupt(images, generator), steps=steps, grad_scale=grad_scale)
+
+    @torch.compiler.disable
+    def corrupt(self, images: Tensor, generator: Generator) -> Tensor:
+        """Eager under ``--compile``: a mix's random, data-dependent subsets would make every
+        batch a new graph; the restoration after it is compiled once."""
+        return self.corruption(images, generator)
 
     def parts(self) -> dict[str, Corruption]:
         """The single corruptions in use, by name (a mix's parts, or the one task)."""
