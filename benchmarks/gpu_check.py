@@ -5,12 +5,17 @@ that needs nothing beyond torch (2.4 or newer), timm and safetensors.
     python benchmarks/gpu_check.py --smoke --out DIR              # the same code paths on CPU, tiny
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` in DIR (after every section, so a run cut
-short keeps what it measured):
+short keeps what it measured). The compiled rows may add up to 6 minutes (4 variants, each
+stopped after 90 s); on a tight budget run them as their own command, ``--only compiled``,
+after the rest (a partial rerun keeps the other sections):
 
 1. versions, GPU, and the measured bf16 matmul rate (the ceiling);
 2. the step cost of each method at ViT-B/16, 224 px, batch 64, in bf16 and float32: img/s, peak
    memory, FLOPs per image (``torch.utils.flop_counter``, double backward included), achieved
-   TFLOP/s and its share of the ceiling; from it the predicted time of the paper's schedules;
+   TFLOP/s and its share of the ceiling; then ``--compile``'s rows (supervised, energy K=1 and K=2
+   exact, MAE; bf16, inductor), each in its own process: the same, with the compile time and the
+   gradient's cosine to eager; from the faster of eager and compiled, the predicted time of the
+   paper's schedules;
 3. fast vs exact parameter gradient (cosine) with TF32 on and off;
 4. peak memory of each corruption at 224 px, batch 256;
 5. 128 steps of pretraining at 224 px (the embedded images, resized, 3 channels, in an
@@ -22,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import io
 import json
+import multiprocessing
 import platform
 import subprocess
 import sys
@@ -41,12 +48,13 @@ import torch.nn.functional as F
 import energyssl.methods.energy.model as energy_module
 from energyssl import EnergyModel, create_backbone
 from energyssl.cli import main as cli
+from energyssl.compiling import compile_forward
 from energyssl.data import load_dataset
 from energyssl.distributed import World
 from energyssl.engine import accumulated_step
 from energyssl.flops import count_flops
 from energyssl.methods import method_for
-from energyssl.methods.base import freeze_unreached_parameters
+from energyssl.methods.base import Method, freeze_unreached_parameters
 from energyssl.methods.energy import EnergyMethod, EnergyOptions
 from energyssl.methods.energy.corruptions import TASKS, build_corruption
 from energyssl.metrics import read_metrics
@@ -60,7 +68,9 @@ PAPER_RUNS = {
     "MAE (1600 epochs)": (8, 288, 1600, 83.6),
     "MAE (400 epochs)": (8, 72, 400, 83.1),
 }
-SECTIONS = ("environment", "step_cost", "predicted", "fidelity", "corruption_memory", "pretraining", "evaluation")
+SECTIONS = ("environment", "step_cost", "compiled", "predicted", "fidelity", "corruption_memory", "pretraining",
+            "evaluation")  # fmt: skip
+COMPILED_METHODS = ("supervised", "energy K=1 exact", "energy K=2 exact", "mae")  # bf16, --compile
 STEP_METHODS = (
     ("supervised", "bf16"), ("energy K=1 exact", "bf16"), ("energy K=2 exact", "bf16"), ("mae", "bf16"),
     ("cae", "bf16"), ("supervised", "fp32"), ("energy K=1 exact", "fp32"), ("energy K=2 exact", "fp32"),
@@ -86,12 +96,14 @@ class Scale:
     pretrain_batch: int
     folder_images: int
     eval_steps: int
+    compile_backend: str  # the smoke run traces (aot_eager): inductor's code generation takes minutes on a CPU
+    compile_timeout: float  # seconds a compiled variant may take in all, compiling included
 
 
 REAL = Scale("cuda", 8192, "vit_base_patch16_224", 64, 5, 224, "vit_small_patch16_224", 16, 256,
-             "vit_small_patch16_224", 128, 64, 1024, 10)  # fmt: skip
+             "vit_small_patch16_224", 128, 64, 1024, 10, "inductor", 90.0)  # fmt: skip
 SMOKE = Scale("cpu", 256, "essl_vit_micro_patch7", 4, 1, 28, "essl_vit_micro_patch7", 4, 8,
-              "essl_vit_micro_patch7", 3, 8, 48, 2)  # fmt: skip
+              "essl_vit_micro_patch7", 3, 8, 48, 2, "aot_eager", 120.0)  # fmt: skip
 
 
 def synchronize(device: str) -> None:
@@ -178,9 +190,15 @@ def step_costs(scale: Scale, ceiling: float) -> list[dict[str, Any]]:
 
 def step_cost(method: str, amp: str, scale: Scale, ceiling: float) -> dict[str, Any]:
     """img/s (median of ``step_iters`` timed steps after 2 warm-ups), peak memory, FLOPs."""
-    device = torch.device(scale.device)
     dtype = torch.bfloat16 if amp == "bf16" else None
     step, _ = method_step(method, scale, Precision(dtype))
+    flops = count_flops(step) / scale.step_batch
+    return {"method": method, "amp": amp, **timed(step, scale, flops, ceiling)}
+
+
+def timed(step: Callable[[], None], scale: Scale, flops: float, ceiling: float) -> dict[str, Any]:
+    """img/s (median of ``step_iters`` timed steps after 2 warm-ups), peak memory, the rate."""
+    device = torch.device(scale.device)
     if scale.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -195,12 +213,62 @@ def step_cost(method: str, amp: str, scale: Scale, ceiling: float) -> dict[str, 
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    flops = count_flops(step) / scale.step_batch
     tflops = flops * scale.step_batch / seconds / 1e12
     return {
-        "method": method, "amp": amp, "img_per_s": scale.step_batch / seconds, "peak_gb": peak,
-        "gflops_per_image": flops / 1e9, "tflops": tflops, "share_of_ceiling": tflops / ceiling,
+        "img_per_s": scale.step_batch / seconds, "peak_gb": peak, "gflops_per_image": flops / 1e9, "tflops": tflops,
+        "share_of_ceiling": tflops / ceiling,
     }  # fmt: skip
+
+
+def compiled_costs(scale: Scale, ceiling: float, eager: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``--compile``'s step cost of each of :data:`COMPILED_METHODS` in bf16, each in its own
+    process (a fresh compiler cache and memory peak), stopped after ``compile_timeout``."""
+    flops = {r["method"]: r["gflops_per_image"] * 1e9 for r in eager if r.get("amp") == "bf16" and "error" not in r}
+    context, rows = multiprocessing.get_context("spawn"), []
+    for method in COMPILED_METHODS:
+        with context.Pool(1) as pool:
+            try:
+                work = pool.apply_async(compiled_cost, (method, scale, ceiling, flops.get(method)))
+                rows.append(work.get(timeout=scale.compile_timeout))
+            except Exception as exc:  # a timeout, an out-of-memory, a compiler error: a row that says so
+                rows.append({"method": method, "amp": "bf16", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def compiled_cost(method: str, scale: Scale, ceiling: float, flops: float | None) -> dict[str, Any]:
+    """One compiled variant: its first call (compiling) times the compile and gives the cosine
+    of its parameter gradient to eager's on the same batch; then the step is timed as eager's."""
+    step, model = method_step(method, scale, Precision(torch.bfloat16))
+    eager = copy.deepcopy(model)
+    if method == "supervised":
+        compile_forward(model, scale.compile_backend, announce=False)
+    else:
+        model.compile_step(scale.compile_backend, announce=False)
+    start = time.perf_counter()
+    cosine = gradient_cosine(eager, model, scale)
+    compile_s = time.perf_counter() - start
+    del eager
+    flops = flops if flops is not None else float("nan")  # generated code dispatches nothing to count
+    return {"method": f"{method}, compiled", "amp": "bf16", **timed(step, scale, flops, ceiling),
+            "compile_s": compile_s, "grad_cosine_to_eager": cosine}  # fmt: skip
+
+
+def gradient_cosine(eager: torch.nn.Module, compiled: torch.nn.Module, scale: Scale) -> float:
+    """Cosine between two copies' parameter gradients (bf16 autocast) on one batch and draw."""
+    device = torch.device(scale.device)
+    images = torch.randn(scale.step_batch, 3, scale.img_size, scale.img_size, device=device)
+    flat = []
+    for model in (eager, compiled):
+        model.zero_grad(set_to_none=True)
+        with Precision(torch.bfloat16).autocast(device):
+            if isinstance(model, Method):
+                loss = model([images], torch.Generator(device=device).manual_seed(1)).loss
+            else:  # the supervised classifier
+                loss = model(images).float().logsumexp(1).mean()
+        loss.backward()
+        flat.append(torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None]))
+    return F.cosine_similarity(flat[0], flat[1], dim=0).item()
 
 
 def predicted_hours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,8 +277,10 @@ def predicted_hours(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rate = {(r["method"], r["amp"]): r["img_per_s"] for r in rows if "img_per_s" in r}
     out = []
     for name, (gpus, hours, epochs, top1) in PAPER_RUNS.items():
-        ours = ("energy K=2 exact", "bf16") if name.startswith("energy") else ("mae", "bf16")
-        if ours in rate:
+        plain = "energy K=2 exact" if name.startswith("energy") else "mae"
+        variants = [(v, "bf16") for v in (plain, f"{plain}, compiled") if (v, "bf16") in rate]
+        ours = max(variants, key=lambda v: rate[v], default=None)  # the faster of eager and compiled
+        if ours is not None:
             predicted = epochs * IMAGENET_IMAGES / (rate[ours] * gpus) / 3600
             out.append({"run": name, "measured_as": " ".join(ours), "gpus": gpus, "paper_hours": hours,
                         "predicted_hours": predicted, "paper_top1": top1})  # fmt: skip
@@ -369,6 +439,9 @@ def report(results: dict[str, Any]) -> str:
     sections = {
         "step_cost": ("Step cost, one training step", ["method", "amp", "img_per_s", "peak_gb", "gflops_per_image",
                                                      "tflops", "share_of_ceiling", "error"]),
+        "compiled": ("Step cost with --compile (inductor; --smoke: aot_eager), each in its own process",
+                     ["method", "amp", "img_per_s", "peak_gb", "tflops", "share_of_ceiling", "compile_s",
+                      "grad_cosine_to_eager", "error"]),
         "predicted": ("The paper's schedules on 8 such GPUs at the measured rate (a lower bound)",
                       ["run", "measured_as", "gpus", "paper_hours", "predicted_hours", "paper_top1"]),
         "fidelity": ("Fast vs exact parameter gradient (cosine to exact mode in float32 with TF32 off)",
@@ -392,7 +465,7 @@ def report(results: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in value]
     if "auto_rule" in results:
-        lines += ["", "## --grad-mode auto on this GPU", "", results["auto_rule"]]
+        lines += ["", "## --grad-mode auto and --compile on this GPU", "", results["auto_rule"]]
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +485,17 @@ def auto_rule(rows: list[dict[str, Any]]) -> str:
             winner = "exact bf16" if exact >= fast else "fast float32"
             lines.append(f"K={k}: exact bf16 {exact:.0f} img/s, fast float32 {fast:.0f} img/s: {winner} is faster.")
     return " ".join(lines)
+
+
+def compile_rule(rows: list[dict[str, Any]]) -> str:
+    """Whether --compile paid on this GPU for each measured method (the evidence a default needs)."""
+    rate = {r["method"]: r["img_per_s"] for r in rows if "img_per_s" in r and r.get("amp") == "bf16"}
+    said = []
+    for method in COMPILED_METHODS:
+        eager, compiled = rate.get(method), rate.get(f"{method}, compiled")
+        if eager and compiled:
+            said.append(f"{method}: compiled {compiled:.0f} img/s against eager {eager:.0f} ({compiled / eager:.2f}x).")
+    return " ".join(said)
 
 
 def main() -> None:
@@ -448,9 +532,12 @@ def main() -> None:
     env = section("environment", lambda: environment(scale)) or {}
     ceiling = env.get("bf16_matmul_tflops", float("nan"))
     costs = section("step_cost", lambda: step_costs(scale, ceiling))
-    if isinstance(costs, list):
-        section("predicted", lambda: predicted_hours(costs))
-        results["auto_rule"] = auto_rule(costs)
+    eager = costs if isinstance(costs, list) else results.get("step_cost", [])
+    compiled = section("compiled", lambda: compiled_costs(scale, ceiling, eager if isinstance(eager, list) else []))
+    if isinstance(eager, list):
+        both = eager + (compiled if isinstance(compiled, list) else [])
+        section("predicted", lambda: predicted_hours(both))
+        results["auto_rule"] = auto_rule(eager) + " " + compile_rule(both)
     section("fidelity", lambda: fidelity(scale))
     section("corruption_memory", lambda: corruption_memory(scale))
     folder = work / "images"

@@ -16,6 +16,7 @@ built yet): the rows are eager.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import resource
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from energyssl import create_backbone
+from energyssl.compiling import compile_forward
 from energyssl.flops import count_flops
 from energyssl.methods import method_class, method_for
 from energyssl.methods.base import freeze_unreached_parameters
@@ -51,6 +53,10 @@ METHODS = (
     "energy K=4 exact",
     "energy K=4 exact, checkpointed",
     "mae, checkpointed",
+    "supervised, compiled",  # --compile (inductor)
+    "energy K=1 exact, compiled",
+    "energy K=2 exact, compiled",
+    "mae, compiled",
 )
 # the views of methods trained on more than one: MoCo v3's pair, DINO's 2 global and 8 local crops
 VIEWS = {
@@ -59,9 +65,13 @@ VIEWS = {
 }
 
 
-def build_step(method: str, model_name: str, batch: int, task: str, device: str) -> Callable[[], None]:
+def build_step(
+    method: str, model_name: str, batch: int, task: str, device: str
+) -> tuple[Callable[[], None], Callable[[], float] | None]:
     """A closure running forward + backward + AdamW step of ``method`` on a fixed batch
-    (``, checkpointed``: with ``--grad-checkpointing``)."""
+    (``, checkpointed``: with ``--grad-checkpointing``; ``, compiled``: with ``--compile``), and
+    for a compiled one, the cosine of its parameter gradient to eager's (the first compiled call)."""
+    compiled, method = method.endswith(", compiled"), method.removesuffix(", compiled")
     method, checkpointed = method.removesuffix(", checkpointed"), method.endswith(", checkpointed")
     images = torch.randn(batch, 1, 28, 28, device=device)
     backbone = create_backbone(model_name, img_size=28, in_chans=1).to(device)
@@ -69,7 +79,7 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
     if method == "supervised":
         backbone.reset_classifier(10)
         labels = torch.randint(0, 10, (batch,), device=device)
-        module, loss_fn = backbone, lambda: F.cross_entropy(backbone(images), labels)
+        module, loss_of = backbone, lambda m, g: F.cross_entropy(m(images), labels)
     else:
         options = {}
         if method.startswith("energy"):
@@ -82,18 +92,36 @@ def build_step(method: str, model_name: str, batch: int, task: str, device: str)
         freeze_unreached_parameters(module, [v[:4] for v in views])
         if checkpointed:
             module.set_grad_checkpointing(model_name)
-        loss_fn = lambda: module(views, generator).loss  # noqa: E731
+        loss_of = lambda m, g: m(views, g).loss  # noqa: E731
+    check = None
+    if compiled:
+        eager = copy.deepcopy(module)
+        if method == "supervised":
+            compile_forward(module, "inductor", announce=False)
+        else:
+            module.compile_step("inductor", announce=False)
+        check = lambda: gradient_cosine(eager, module, loss_of)  # noqa: E731
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
-        loss = loss_fn()
+        loss = loss_of(module, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if device != "cpu":
             torch.cuda.synchronize()
 
-    return step
+    return step, check
+
+
+def gradient_cosine(eager: torch.nn.Module, compiled: torch.nn.Module, loss_of: Callable) -> float:
+    """Cosine between the two modules' parameter gradients on the same batch and draws."""
+    flat = []
+    for module in (eager, compiled):
+        module.zero_grad(set_to_none=True)
+        loss_of(module, torch.Generator().manual_seed(1)).backward()
+        flat.append(torch.cat([p.grad.flatten().float() for p in module.parameters() if p.grad is not None]))
+    return F.cosine_similarity(flat[0], flat[1], dim=0).item()
 
 
 def _resident_mb() -> float:
@@ -105,9 +133,13 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     """Run in a fresh process: images/s (median over repeats) and peak memory of ``method``."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    step = build_step(method, args.model, args.batch_size, args.task, args.device)
+    setup = (args.model, args.batch_size, args.task, args.device)
+    step, check = build_step(method, *setup)
     before = _resident_mb()
+    start = time.perf_counter()
+    cosine = check() if check is not None else None  # a compiled step's first call compiles it
     step()  # warm-up
+    first = time.perf_counter() - start
     rates = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -119,8 +151,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     else:
         peak = torch.cuda.max_memory_allocated() / 2**20
     median = statistics.median(rates)
-    flops = count_flops(step)
-    return {"img_per_s": median, "spread": (max(rates) - min(rates)) / median, "peak_mb": peak, "gflops": flops / 1e9}
+    eager = method.removesuffix(", compiled")  # generated code dispatches no aten ops to count: count eager's
+    flops = count_flops(step if eager == method else build_step(eager, *setup)[0])
+    return {"img_per_s": median, "spread": (max(rates) - min(rates)) / median, "peak_mb": peak, "gflops": flops / 1e9,
+            "first_step_s": first, "grad_cosine": cosine}  # fmt: skip
 
 
 def profile(method: str, args: argparse.Namespace) -> dict:
@@ -130,7 +164,7 @@ def profile(method: str, args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    step = build_step(method, args.model, args.batch_size, args.task, args.device)
+    step, _ = build_step(method, args.model, args.batch_size, args.task, args.device)
     step()  # warm-up
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (args.device != "cpu")
     with profiler(activities=activities) as prof:
@@ -169,17 +203,25 @@ def main() -> None:
     base = results["supervised"]
     rows = [
         "| step | img/s | cost vs supervised | GFLOPs | FLOPs vs supervised | peak memory (MB) | memory vs supervised "
-        "| spread of repeats |",
-        "|---|---|---|---|---|---|---|---|",
+        "| spread of repeats | first step (s; compiles) | gradient cosine to eager |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         r["cost_ratio"] = base["img_per_s"] / r["img_per_s"]
         r["memory_ratio"] = r["peak_mb"] / max(base["peak_mb"], 1e-9)
+        cosine = "-" if r["grad_cosine"] is None else f"{r['grad_cosine']:.6f}"
         rows.append(
             f"| {name} | {r['img_per_s']:.1f} | {r['cost_ratio']:.2f}x | {r['gflops']:.2f} | "
             f"{r['gflops'] / base['gflops']:.2f}x | {r['peak_mb']:.0f} | "
-            f"{r['memory_ratio']:.2f}x | {100 * r['spread']:.0f}% |"
+            f"{r['memory_ratio']:.2f}x | {100 * r['spread']:.0f}% | {r['first_step_s']:.1f} | {cosine} |"
         )
+    for name, r in results.items():
+        plain = name.removesuffix(", compiled")
+        if plain != name and plain in results:
+            ratio = results[plain]["img_per_s"] / r["img_per_s"]
+            rows.append(
+                f"\n{plain}: compiled, a step takes {ratio:.2f}x eager's time ({r['first_step_s']:.0f} s to compile)."
+            )
     for k in (1, 2):
         exact, fast = results.get(f"energy K={k} exact"), results.get(f"energy K={k} fast")
         if exact and fast:

@@ -169,9 +169,14 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "gpu_check.json").read_text())
-    sections = ("environment", "step_cost", "predicted", "fidelity", "corruption_memory", "pretraining", "evaluation")
+    sections = ("environment", "step_cost", "compiled", "predicted", "fidelity", "corruption_memory", "pretraining",
+                "evaluation")  # fmt: skip
     assert all(isinstance(results[s], (dict, list)) and "error" not in results[s] for s in sections)
     assert all("error" not in row and row["gflops_per_image"] > 0 for row in results["step_cost"])
+    compiled = {row["method"]: row for row in results["compiled"]}  # --compile's rows, traced on a CPU
+    assert set(compiled) == {"supervised, compiled", "energy K=1 exact, compiled", "energy K=2 exact, compiled",
+                             "mae, compiled"}  # fmt: skip
+    assert all(row["grad_cosine_to_eager"] > 0.999 and row["img_per_s"] > 0 for row in compiled.values())
     assert [r["amp"] for r in results["pretraining"]] == ["bf16", "fp16", "none"]
     assert all(r["exit"] == 0 and r["finite"] for r in results["pretraining"])
     assert all(r["exit"] == 0 for r in results["evaluation"]) and len(results["evaluation"]) == 5

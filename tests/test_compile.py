@@ -5,7 +5,8 @@ finetune, probe; under torchrun too), and a compiler failure that costs one line
 
 The tests compile with ``aot_eager`` (dynamo's graph and AOT autograd's backward, without
 generating code): seconds per model instead of minutes on these CPUs. Inductor's code is
-checked against eager by ``benchmarks/step_cost.py --compiled`` rows (gradient cosine)."""
+checked against eager by the compiled rows of ``benchmarks/step_cost.py`` and
+``benchmarks/gpu_check.py`` (their gradient cosine)."""
 
 import copy
 import json
