@@ -120,7 +120,7 @@ def gradient_cosine(eager: torch.nn.Module, compiled: torch.nn.Module, loss_of: 
     for module in (eager, compiled):
         module.zero_grad(set_to_none=True)
         loss_of(module, torch.Generator().manual_seed(1)).backward()
-        flat.append(torch.cat([p.grad.flatten().float() for p in module.parameters() if p.grad is not None]))
+        flat.append(torch.cat([p.grad.flatten().double() for p in module.parameters() if p.grad is not None]))
     return F.cosine_similarity(flat[0], flat[1], dim=0).item()
 
 
