@@ -136,7 +136,20 @@ class EvalConfig(CommonConfig):
 
 
 @dataclass
-class FinetuneConfig(EvalConfig):
+class LoopConfig(EvalConfig):
+    """Keys of the commands the fine-tuning loop runs (finetune, segment)."""
+
+    accum_iter: int = _opt(1, ACCUM_ITER_HELP)
+    grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
+    eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
+    save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
+    resume: str | None = _opt(
+        None, "resume from a checkpoint folder, or 'auto' for the latest in --out (the flag alone)"
+    )
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
     epochs: int = _opt(20, "training epochs")
     layer_decay: float = _opt(0.75, "layer-wise lr decay (ViT blocks; stages for CNNs); 1 disables")
     drop_path: float = _opt(0.1, "stochastic depth rate")
@@ -145,14 +158,7 @@ class FinetuneConfig(EvalConfig):
     cutmix: float = _opt(1.0, "cutmix alpha (0 disables)")
     randaug: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' disables)")
     crop_scale: list = _opt([0.35, 1.0], "RandomResizedCrop scale range")
-    accum_iter: int = _opt(1, ACCUM_ITER_HELP)
     ema_decay: float | None = _opt(None, "keep an EMA of the weights with this decay and evaluate it too")
-    grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
-    eval_every: int = _opt(1, "score the --eval-split every N epochs (and always after the last)")
-    save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
-    resume: str | None = _opt(
-        None, "resume from a checkpoint folder, or 'auto' for the latest in --out (the flag alone)"
-    )
     out: str = _opt("runs/finetune", "output folder: checkpoints, results.json, metrics.jsonl, config.yaml")
 
 
@@ -192,7 +198,7 @@ SEGMENT_UPERNET = {"blr": 1.6e-3, "weight_decay": 0.05, "layer_decay": 0.65, "dr
 
 
 @dataclass
-class SegmentConfig(EvalConfig):
+class SegmentConfig(LoopConfig):
     protocol: str = _opt(
         "linear",
         "linear (the frozen backbone's last patch features, BatchNorm and a 1x1 conv, as DINOv2's linear "
@@ -218,13 +224,7 @@ class SegmentConfig(EvalConfig):
     drop_path: float = _opt(0.0, "stochastic depth rate of the backbone (upernet)")
     scale_range: list = _opt([0.5, 2.0], "random scale of the shorter side, as a multiple of the crop size")
     decoder_channels: int | None = _opt(None, "UPerNet decoder width (default: the backbone's last width, <= 512)")
-    accum_iter: int = _opt(1, ACCUM_ITER_HELP)
-    grad_checkpointing: bool = _opt(False, GRAD_CHECKPOINTING_HELP)
     eval_every: int = _opt(5, "score the --eval-split every N epochs (and always after the last)")
-    save_every: int = _opt(500, "save a checkpoint every N steps (and at each epoch end)")
-    resume: str | None = _opt(
-        None, "resume from a checkpoint folder, or 'auto' for the latest in --out (the flag alone)"
-    )
     out: str = _opt("runs/segment", "output folder: checkpoints, results.json, metrics.jsonl, config.yaml")
 
 

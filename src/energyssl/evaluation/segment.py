@@ -25,7 +25,7 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_grou
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import EvalConfig, FinetuneConfig, SegmentConfig
+from ..config import EvalConfig, FinetuneConfig, LoopConfig, SegmentConfig
 from ..data import TransformedDataset
 from ..data.segmentation import IGNORE, Paired, collate_masks, eval_transform, load_segmentation, train_transform
 from ..distributed import World, shard
@@ -253,12 +253,9 @@ def validate(cfg: SegmentConfig) -> None:
 def segment(cfg: SegmentConfig) -> dict:
     """Train and score a segmenter with ``cfg.protocol``; returns the record of results.json."""
     validate(cfg)
-    shared = {f.name: getattr(cfg, f.name) for f in fields(EvalConfig)}
-    run = FinetuneConfig(
-        **shared, layer_decay=cfg.layer_decay, drop_path=cfg.drop_path, smoothing=0.0, mixup=0.0, cutmix=0.0,
-        randaug="", accum_iter=cfg.accum_iter, grad_checkpointing=cfg.grad_checkpointing, eval_every=cfg.eval_every,
-        save_every=cfg.save_every, resume=cfg.resume,
-    )  # fmt: skip
+    shared = {f.name: getattr(cfg, f.name) for f in fields(LoopConfig)}
+    run = FinetuneConfig(**shared, layer_decay=cfg.layer_decay, drop_path=cfg.drop_path, smoothing=0.0, mixup=0.0,
+                         cutmix=0.0, randaug="")  # fmt: skip
     if cfg.protocol == "linear":
         model, optimizer = (lambda c: LinearSegmenter(c, c.num_classes)), layer_decay_optimizer
     else:
