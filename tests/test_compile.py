@@ -97,11 +97,14 @@ def test_a_compiled_pretraining_logs_the_losses_of_an_eager_one(tmp_path, capsys
     assert len(losses(tmp_path / "eager")) == 4
 
 
-def test_bf16_autocast_compiles_to_the_eager_losses(tmp_path):
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])  # fp16: with dE/dx's own loss scale
+def test_autocast_compiles_to_the_eager_losses(tmp_path, amp):
     for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
-        args = ["pretrain", *ENERGY, "--amp", "bf16", "--max-steps", "3", "--out", str(tmp_path / name), *extra]
+        args = ["pretrain", *ENERGY, "--amp", amp, "--max-steps", "3", "--out", str(tmp_path / name), *extra]
         assert main(args) == 0
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+    if amp == "fp16":
+        assert "input_grad_scale" in read_metrics(tmp_path / "compiled" / "metrics.jsonl")[-1]
 
 
 @pytest.mark.parametrize("command", ["finetune", "segment"])
