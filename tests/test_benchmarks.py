@@ -246,7 +246,7 @@ def test_segmentation_transfer_chooses_each_rows_lr_on_validation_and_resumes(tm
     ]
     segmentation.main(argv)
     segments = [c for c in commands if c[0] == "segment"]
-    assert len(segments) == 3 * (3 + 2)  # 3 rows: 3 lrs on val, then test at 2 seeds
+    assert len(segments) == 3 * (len(segmentation.LRS) + 2)  # 3 rows: each lr on val, then test at 2 seeds
     for command in segments:
         split, blr = command[command.index("--eval-split") + 1], command[command.index("--blr") + 1]
         assert split == "test" or command[command.index("--seed") + 1] == "0"
@@ -257,7 +257,7 @@ def test_segmentation_transfer_chooses_each_rows_lr_on_validation_and_resumes(tm
     values = json.loads(scores.read_text())["scores"]
     for row in ("scratch", "energy", "mae"):
         blr, found = segmentation.test_values(segmentation.parse_args(argv), values, row)
-        val = {lr: values[f"{row}/s0/val-blr{lr}"] for lr in ("0.004", "0.016", "0.064")}
+        val = {f"{lr:g}": values[f"{row}/s0/val-blr{lr:g}"] for lr in segmentation.LRS}
         assert blr == accuracy.best(val) and len(found) == 2
     report = (scores.parent / "segmentation.md").read_text()
     assert "| mae | blr0.003-dec96x1 |" in report and "| mae | " in report.split("Energy minus")[1]
