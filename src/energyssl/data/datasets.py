@@ -140,10 +140,15 @@ class ImageFolderDataset(Dataset):
 
     @property
     def info(self) -> DataInfo:
-        chans = 1 if self._mode == "L" else 3
-        # Folders hold images of any size: normalise with timm's ImageNet defaults (0.5 for grey).
-        mean, std = ((0.5,), (0.5,)) if chans == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        return DataInfo(chans, self._size, mean, std, self.num_classes, tuple(self.classes))
+        return folder_info(self._mode, self._size, tuple(self.classes))
+
+
+def folder_info(mode: str, size: int, classes: tuple[str, ...]) -> DataInfo:
+    """A folder's images come in any size and colour: normalise with timm's ImageNet defaults
+    (0.5 for grey)."""
+    chans = 1 if mode == "L" else 3
+    mean, std = ((0.5,), (0.5,)) if chans == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return DataInfo(chans, size, mean, std, len(classes), classes)
 
 
 def class_folders(root: Path) -> list[str]:

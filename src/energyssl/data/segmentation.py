@@ -25,7 +25,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import UserError
-from .datasets import HELD_OUT_FRACTION, IMAGE_EXTENSIONS, DataInfo, load_embedded
+from .datasets import HELD_OUT_FRACTION, IMAGE_EXTENSIONS, DataInfo, folder_info, load_embedded
+from .index import first_image
 
 IGNORE = 255  # the mask value of pixels that belong to no class: neither trained on nor scored
 CANVAS = 56  # side of the embedded set's images: two garments wide
@@ -44,8 +45,7 @@ class SegmentationDataset(Dataset):
             with Image.open(image) as a, Image.open(mask) as b:
                 if a.size != b.size:
                     raise UserError(f"mask {mask} is {b.size[0]}x{b.size[1]}, its image {a.size[0]}x{a.size[1]}")
-        with Image.open(pairs[0][0]) as first:
-            self.mode, self.size = ("L" if first.mode in ("L", "1", "I;16", "I") else "RGB"), min(first.size)
+        self.mode, self.size = first_image(pairs[0][0])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -70,9 +70,7 @@ class SegmentationDataset(Dataset):
 
     @property
     def info(self) -> DataInfo:
-        chans = 1 if self.mode == "L" else 3
-        mean, std = ((0.5,), (0.5,)) if chans == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        return DataInfo(chans, self.size, mean, std, self.num_classes, tuple(map(str, range(self.num_classes))))
+        return folder_info(self.mode, self.size, tuple(map(str, range(self.num_classes))))
 
 
 def shift_labels(labels: np.ndarray) -> np.ndarray:
