@@ -139,7 +139,7 @@ class Route:
 
     def scored_dataset(self, data: EvalData, world: World, transform: Callable) -> Dataset:
         """This process's shard of the scored split, transformed."""
-        return TransformedDataset(shard(data.scored, world), transform)
+        return TransformedDataset(shard(data.scored, world), transform, self.joint)
 
     def criterion_and_mixup(self, cfg: FinetuneConfig, classes: int) -> tuple[nn.Module, Mixup | None]:
         if cfg.mixup > 0 or cfg.cutmix > 0:

@@ -26,9 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import EvalConfig, FinetuneConfig, LoopConfig, SegmentConfig
-from ..data import TransformedDataset
 from ..data.segmentation import IGNORE, Paired, collate_masks, eval_transform, load_segmentation, train_transform
-from ..distributed import World, shard
+from ..distributed import World
 from ..errors import UserError
 from .finetune import Route, finetune, layer_decay_optimizer
 from .prepare import EvalData, load_eval_data
@@ -222,9 +221,6 @@ class SegmentRoute(Route):
     def transforms(self, cfg: FinetuneConfig, data: EvalData) -> tuple[Paired, Paired]:
         augment = train_transform(data.info, data.img_size, tuple(self.segment.scale_range))
         return Paired(augment), Paired(eval_transform(data.info, data.img_size), resize_mask=False)
-
-    def scored_dataset(self, data: EvalData, world: World, transform) -> Dataset:
-        return TransformedDataset(shard(data.scored, world), transform, joint=True)
 
     def criterion_and_mixup(self, cfg: FinetuneConfig, classes: int) -> tuple[nn.Module, None]:
         return nn.CrossEntropyLoss(ignore_index=IGNORE), None
