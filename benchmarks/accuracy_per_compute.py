@@ -20,7 +20,10 @@ Stages, each a command that keeps finished runs (rerun it to continue an interru
     python benchmarks/accuracy_per_compute.py --stage report     # tables, intervals, the curve's PNG
 
 The table4 stage keeps every score it measures in ``--table4-scores`` (committed, so that a fresh
-checkout continues where the last one stopped) and skips the cells already there.
+checkout continues where the last one stopped) and skips the cells already there; the curve stage
+keeps its points in ``--curve-scores`` likewise (the committed file's points at 0.5-4 supervised
+epochs were copied, at two decimals, from the protocol report's curve table, measured before the
+file existed).
 
 Runs one training at a time. With `--disturbed` the stage's wall times are marked as taken while
 the machine did other work (the budgets, in FLOPs, are unaffected).
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -149,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=list(ENERGY_TASKS), choices=ENERGY_TASKS, help="table4's tasks")
     parser.add_argument("--table4-scores", default="benchmarks/results/table4_scores.json", help="table4's scores")
+    parser.add_argument("--curve-scores", default="benchmarks/results/curve_scores.json", help="the curve's scores")
     args = parser.parse_args(argv)
     if args.budget <= 0 or min(args.curve) <= 0:
         parser.error("budgets must be positive")
@@ -373,12 +378,38 @@ def stage_seeds(args: argparse.Namespace) -> None:
 
 
 def stage_curve(args: argparse.Namespace) -> None:
+    """Each method's chosen setting at the other budgets (and the base one), seed 0, on test;
+    every score kept in ``--curve-scores`` as table4's are."""
+    scores = curve_scores(args)
     for method in args.methods:
         print(f"{method}:", flush=True)
-        for budget in args.curve:
-            run = pretrain(args, method, chosen(args, method), budget, args.seeds[0])
-            finetune(args, str(run), run.parent / "test-ft0.01-s0", 0.01, "test", 0, *recipe(args, 0.01))
-            probe(args, str(run), run.parent / "test-knn", "knn", "test")
+        for budget in sorted({*args.curve, args.budget}):
+            for metric in CURVE_METRICS:
+                curve_cell(args, scores, method, budget, metric)
+            write_curve(args)
+
+
+CURVE_METRICS = ("ft0.01", "knn")
+
+
+def curve_scores(args: argparse.Namespace) -> Scores:
+    """The curve's scores, for this data, model and batch (budgets are in the keys)."""
+    context = {"data": args.data, "model": args.model, "batch_size": args.batch_size, "seed": args.seeds[0]}
+    return Scores(Path(args.curve_scores), context)
+
+
+def curve_cell(args: argparse.Namespace, scores: Scores, method: str, budget: float, metric: str) -> float:
+    """One point of the curve: fine-tune 1% or kNN after ``budget`` supervised epochs of FLOPs."""
+    setting, seed = chosen(args, method), args.seeds[0]
+
+    def measure() -> float:
+        run = pretrain(args, method, setting, budget, seed)
+        folder = run.parent / ("test-knn" if metric == "knn" else f"test-ft0.01-s{seed}")
+        if metric == "ft0.01":
+            return finetune(args, str(run), folder, 0.01, "test", seed, *recipe(args, 0.01))
+        return probe(args, str(run), folder, "knn", "test")
+
+    return scores.get(f"{method}/{setting}/b{budget:g}/{metric}", measure)
 
 
 def stage_reference(args: argparse.Namespace) -> None:
@@ -412,7 +443,7 @@ class Scores:
     def __init__(self, path: Path, context: dict) -> None:
         saved = json.loads(path.read_text()) if path.exists() else {"context": context, "scores": {}}
         if saved["context"] != context:
-            sys.exit(f"{path} holds scores of another setting ({saved['context']}); give another --table4-scores")
+            sys.exit(f"{path} holds scores of another setting ({saved['context']}); give another scores file")
         self.path, self.context, self.values = path, context, saved["scores"]
 
     def get(self, key: str, measure) -> float:  # noqa: ANN001
@@ -708,18 +739,28 @@ CurvePoint = tuple[float, float, float | None, float | None]  # budget, TFLOPs, 
 
 
 def curve_points(args: argparse.Namespace) -> dict[str, list[CurvePoint]]:
-    """Each method's points at every budget, seed 0, on test (None where a run has not finished)."""
-    unit = supervised_epoch_flops(args)
+    """Each method's points at every budget it has a score at (and those asked for), seed 0, on
+    test, from the curve's scores (None where a run has not finished)."""
+    unit, values = supervised_epoch_flops(args), curve_scores(args).values
     points = {}
     for method in args.methods:
-        setting = chosen(args, method)
+        prefix = f"{method}/{chosen(args, method)}/b"
+        found = {float(key[len(prefix) :].split("/")[0]) for key in values if key.startswith(prefix)}
         rows = []
-        for budget in sorted({*args.curve, args.budget}):
-            folder = Path(args.out) / method / setting / f"b{budget:g}-s{args.seeds[0]}"
-            ft = top1(folder / f"test-ft0.01-s{args.seeds[0]}")
-            rows.append((budget, budget * unit / 1e12, ft, top1(folder / "test-knn")))
+        for budget in sorted({*args.curve, args.budget, *found}):
+            ft, knn = (values.get(f"{prefix}{budget:g}/{metric}") for metric in CURVE_METRICS)
+            rows.append((budget, budget * unit / 1e12, ft, knn))
         points[method] = rows
     return points
+
+
+def per_doubling(series: list[CurvePoint], index: int, low: float, high: float) -> float | None:
+    """Points gained per doubling of compute between budgets ``low`` and ``high`` (the slope of
+    a least-squares line against log2 of the budget), None with fewer than 2 points."""
+    done = [(math.log2(p[0]), p[index]) for p in series if low <= p[0] <= high and p[index] is not None]
+    if len(done) < 2:
+        return None
+    return statistics.linear_regression(*zip(*done, strict=True)).slope
 
 
 def curve_figure(points: dict[str, list[CurvePoint]], random_init: dict[str, float]) -> Figure:
@@ -746,8 +787,7 @@ def curve_figure(points: dict[str, list[CurvePoint]], random_init: dict[str, flo
     return fig
 
 
-def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
-    points = curve_points(args)
+def curve_section(args: argparse.Namespace, png: Path, points: dict[str, list[CurvePoint]]) -> list[str]:
     rows = [
         [method, f"{budget:g}", f"{tflops:.1f}", f"{ft:.2f}" if ft else "-", f"{knn:.2f}" if knn else "-"]
         for method, series in points.items()
@@ -758,6 +798,66 @@ def curve_section(args: argparse.Namespace, png: Path) -> list[str]:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
     return table(["method", "budget (supervised epochs)", "TFLOPs", "fine-tune 1%", "kNN"], rows)
+
+
+def growth_section(args: argparse.Namespace, points: dict[str, list[CurvePoint]]) -> list[str]:
+    """Points gained per doubling of compute up to the base budget's double and beyond it, and
+    the energy method's gap to each other method at the largest budget both reached, with the
+    budget where the fitted lines of the last span would meet (an extrapolation, one seed)."""
+    split = 2 * args.budget
+    rows, gaps = [], []
+    for method, series in points.items():
+        for index, metric in ((2, "ft0.01"), (3, "knn")):
+            early, late = per_doubling(series, index, 0, split), per_doubling(series, index, split, math.inf)
+            rows.append([method, METRICS[metric], slope_text(early), slope_text(late)])
+    for method in [m for m in points if m != "energy" and "energy" in points]:
+        for index, metric in ((2, "ft0.01"), (3, "knn")):
+            theirs_at = {p[0]: p[index] for p in points[method] if p[index] is not None}
+            both = [(p[0], p[index], theirs_at[p[0]]) for p in points["energy"] if p[index] and p[0] in theirs_at]
+            if not both:
+                continue
+            budget, ours, theirs = both[-1]
+            slopes = [per_doubling(points[m], index, split, math.inf) for m in ("energy", method)]
+            closing = None if None in slopes else slopes[0] - slopes[1]  # type: ignore[operator]
+            meet = meeting(budget, ours - theirs, closing)
+            gaps.append([method, METRICS[metric], f"{budget:g}", f"{ours - theirs:+.2f}", slope_text(closing), meet])
+    return [
+        *table(["method", "metric", f"points per doubling, to {split:g}", f"beyond {split:g}"], rows),
+        "",
+        *table(["energy minus", "metric", "at budget", "gap", "closing per doubling", "lines meet at"], gaps),
+    ]
+
+
+def slope_text(slope: float | None) -> str:
+    return "-" if slope is None else f"{slope:+.2f}"
+
+
+def meeting(budget: float, gap: float, closing: float | None) -> str:
+    """Where a gap closing by ``closing`` points per doubling reaches zero: the budget in
+    supervised epochs, 'met' if it already has, 'never' if it does not close."""
+    if gap >= 0:
+        return "met"
+    if closing is None:
+        return "-"
+    if closing <= 0:
+        return "never (not closing)"
+    return f"~{budget * 2 ** (-gap / closing):.3g} (extrapolated)"
+
+
+def write_curve(args: argparse.Namespace) -> None:
+    """The curve's report and PNG, next to its scores (rewritten as points finish)."""
+    path = Path(args.curve_scores).with_name("curve.md")
+    points = curve_points(args)
+    intro = (
+        f"Test top-1 against pretraining compute: `{args.data}`, `{args.model}`, batch {args.batch_size}, each "
+        f"method at its setting chosen on validation at {args.budget:g} supervised epochs of FLOPs, pretraining "
+        f"seed {args.seeds[0]}, one run per budget (its own warmup and cosine). Per doubling: the slope of a "
+        "least-squares line against log2 of the budget; where lines meet is that slope extrapolated, one seed. "
+        "Regenerate (and continue): `python benchmarks/accuracy_per_compute.py --stage curve --curve "
+        f"{' '.join(f'{b:g}' for b in args.curve)} --methods {' '.join(args.methods)}`."
+    )
+    lines = [intro, "", f"![curve]({path.stem}.png)", "", *curve_section(args, path.with_suffix(".png"), points)]
+    path.write_text("\n".join([*lines, "", *growth_section(args, points)]) + "\n")
 
 
 def write_report(args: argparse.Namespace, argv: list[str]) -> None:
@@ -805,7 +905,7 @@ def write_report(args: argparse.Namespace, argv: list[str]) -> None:
         "",
         f"![curve]({png.name})",
         "",
-        *curve_section(args, png),
+        *curve_section(args, png, curve_points(args)),
         "",
         "### Choices on validation",
         "",

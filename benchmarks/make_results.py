@@ -8,6 +8,8 @@ README's marked blocks from the same tables, so that every number it states is a
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -15,6 +17,7 @@ HERE = Path(__file__).parent
 SECTIONS = [
     ("Accuracy against pretraining compute: the protocol", "protocol.md"),
     ("The paper's Table 4 at our scale: tasks, AE + task, K (in progress)", "table4.md"),
+    ("Accuracy against pretraining compute, to 32 supervised epochs (in progress)", "curve.md"),
     ("Semantic segmentation: the linear probe after each method's pretraining (in progress)", "segmentation.md"),
     ("Our MAE against a reference implementation (lightly)", "peer_check.md"),
     ("Superseded: accuracy at equal pretraining wall time (chosen on test, one seed)", "accuracy_per_compute.md"),
@@ -39,6 +42,13 @@ def fill_readme(readme: Path, results: Path) -> None:
     readme.write_text(text)
 
 
+def linked_from(table: Path, out: Path) -> str:
+    """``table``'s text with its images linked from ``out``'s folder (a table names its images
+    relative to itself)."""
+    prefix = os.path.relpath(table.parent, out.parent).replace(os.sep, "/")
+    return re.sub(r"!\[([^\]]*)\]\(([^)/:]+)\)", lambda m: f"![{m[1]}]({prefix}/{m[2]})", table.read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(HERE / "results"), help="folder of the generated tables")
@@ -55,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         parts.append(notes.read_text())
     for heading, name in SECTIONS:
         table = Path(args.results) / name
-        parts.append(f"## {heading}\n\n" + (table.read_text() if table.is_file() else "(not run yet)\n"))
+        text = linked_from(table, Path(args.out)) if table.is_file() else "(not run yet)\n"
+        parts.append(f"## {heading}\n\n" + text)
     Path(args.out).write_text("\n".join(parts))
     fill_readme(Path(args.readme), Path(args.results))
     print(f"wrote {args.out} and the blocks of {args.readme}")

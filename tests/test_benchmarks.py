@@ -78,6 +78,28 @@ def test_curve_figure_has_one_legend_beside_the_panels_and_ticks_at_the_budgets(
     assert list(knn.get_xticks()) == [2.4, 9.7] and [t.get_text() for t in knn.get_xticklabels()] == ["2.4", "9.7"]
 
 
+def test_curve_growth_is_the_slope_per_doubling_and_says_where_lines_meet():
+    """Points per doubling are a least-squares slope against log2 of the budget, per span; a gap
+    that closes is extrapolated to the budget where it reaches zero, one that does not is said."""
+    args = accuracy.parse_args(["--stage", "curve", "--budget", "2"])
+    points = {
+        "energy": [(1.0, 0, 70.0, 60.0), (2.0, 0, 71.0, 62.0), (4.0, 0, 72.0, 64.0), (8.0, 0, 74.0, 67.0),
+                   (16.0, 0, 76.0, 70.0)],
+        "mae": [(1.0, 0, 75.0, 80.0), (2.0, 0, 75.5, 80.0), (4.0, 0, 76.0, 80.0), (8.0, 0, 76.0, 81.0),
+                (16.0, 0, 76.0, None)],
+    }  # fmt: skip
+    assert accuracy.per_doubling(points["energy"], 2, 0, 4) == pytest.approx(1.0)
+    assert accuracy.per_doubling(points["energy"], 3, 4, 16) == pytest.approx(3.0)
+    assert accuracy.per_doubling(points["mae"], 3, 16, 32) is None  # one point, no slope
+    lines = accuracy.growth_section(args, points)
+    assert "| energy | fine-tune 1% | +1.00 | +2.00 |" in lines
+    assert "| mae | fine-tune 1% | +0.50 | +0.00 |" in lines
+    # fine-tune: energy 76 vs 76 at 16 (met); kNN: -14 at 8, closing 3 - 1 = 2 per doubling -> 8 * 2**7
+    assert "| mae | fine-tune 1% | 16 | +0.00 | +2.00 | met |" in lines
+    assert "| mae | kNN | 8 | -14.00 | +2.00 | ~1.02e+03 (extrapolated) |" in lines
+    assert accuracy.meeting(8, -1.0, -0.5) == "never (not closing)" and accuracy.meeting(8, -1.0, None) == "-"
+
+
 def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     """Every stage on a tiny budget: choices are made on validation only, pretraining runs the
     steps its FLOP budget buys, and the report has its tables, intervals and curve."""
@@ -90,6 +112,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
         "--budget", "0.1", "--curve", "0.05", "--lrs", "1e-3", "--seeds", "0", "1", "--epochs-1pct", "2",
         "--epochs-10pct", "1", "--out", str(out), "--results", str(results),
         "--table4-scores", str(results.parent / "table4_scores.json"), "--tasks", "grid_mask",
+        "--curve-scores", str(results.parent / "curve_scores.json"),
     ]  # fmt: skip
     for stage in accuracy.STAGES:
         accuracy.main(["--stage", stage, *argv])
@@ -109,6 +132,10 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert "| scratch | fine-tune 1% |" in report and "Ceiling: " in report and "Ceiling: -" not in report
     assert (out / "ceiling" / "test-ft1-e1-s0" / "results.json").exists()  # the 10% recipe's epochs
     assert (results.parent / "protocol_curve.png").stat().st_size > 0
+    curve = json.loads((results.parent / "curve_scores.json").read_text())["scores"]  # kept, as table4's
+    assert set(curve) == {f"energy/blr0.001-K2/b{b}/{m}" for b in ("0.05", "0.1") for m in ("ft0.01", "knn")}
+    assert curve["energy/blr0.001-K2/b0.1/knn"] == accuracy.top1(out / "energy/blr0.001-K2/b0.1-s0/test-knn")
+    assert "| energy | 0.05 |" in (results.parent / "curve.md").read_text()
     assert "seeds)" not in report  # every cell has all its seeds
     accuracy.main(["--stage", "report", *argv, "--methods", "energy", "mae"])  # a method not swept yet: listed
     assert "(sweep not finished): mae." in results.read_text() and "| energy | blr0.001" in results.read_text()
@@ -123,6 +150,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- protocol: end -->\nrest\n")
     assert "| energy | blr0.001" in block and "| scratch | fine-tune 1% |" in block and "old" not in block
     assert "Ceiling: " in block
+    assert "![curve](results/protocol_curve.png)" in (tmp_path / "R.md").read_text()  # images found from RESULTS
     capsys.readouterr()
     accuracy.main(["--stage", "seeds", *argv])  # a finished stage runs nothing again
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")] == []
