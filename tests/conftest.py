@@ -1,7 +1,12 @@
+import sys
+
 import pytest
 import torch
 
 from energyssl import EnergyModel, create_backbone
+
+# Two processes on a free port (torchrun's standalone rendezvous): tests may run side by side.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def tiny_vit(dtype: torch.dtype = torch.float32) -> EnergyModel:

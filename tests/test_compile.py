@@ -12,12 +12,12 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TORCHRUN
 from energyssl import create_backbone
 from energyssl.cli import main
 from energyssl.methods.energy.method import EnergyMethod
@@ -138,9 +138,8 @@ def test_a_compiled_probe_extracts_the_same_features(tmp_path):
 
 
 def test_two_compiled_processes_log_the_losses_of_two_eager_ones(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
     for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
-        cmd = [*torchrun, "-m", "energyssl", "pretrain", *ENERGY, "--max-steps", "3", "--out", str(tmp_path / name)]
+        cmd = [*TORCHRUN, "-m", "energyssl", "pretrain", *ENERGY, "--max-steps", "3", "--out", str(tmp_path / name)]
         done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, env=ENV)
         assert done.returncode == 0, done.stderr[-2000:]
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)

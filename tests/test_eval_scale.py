@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import TORCHRUN
 from energyssl.evaluation.probe import TokenCache
 from energyssl.metrics import read_metrics
 
@@ -67,8 +68,7 @@ def whole(tmp_path_factory) -> Path:
 
 def test_two_processes_train_as_one_with_their_total_batch(whole, tmp_path):
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521"]
-    cmd = [*torchrun, "-m", "energyssl", *RUN, "--batch-size", "8", "--out", str(out)]
+    cmd = [*TORCHRUN, "-m", "energyssl", *RUN, "--batch-size", "8", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("finetune | ") == 1  # the summary (and results.json) once
@@ -131,8 +131,7 @@ def test_probe_under_torchrun_gives_the_accuracy_of_one_process(tmp_path, protoc
     args += ["--epochs", "5", "--no-tensorboard"]
     single = cli(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-1500:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523"]
-    done = subprocess.run([*torchrun, "-m", "energyssl", *args, "--out", str(tmp_path / "two")],
+    done = subprocess.run([*TORCHRUN, "-m", "energyssl", *args, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300, env=ENV)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count(f"{protocol} | ") == 1

@@ -3,12 +3,12 @@ frozen backbone, learning, torchrun, and an exact resume after SIGKILL."""
 
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import TORCHRUN
 from energyssl.cli import main, parse_config
 from energyssl.config import FinetuneConfig
 from energyssl.evaluation.finetune import LinearProbe, lars_optimizer
@@ -115,8 +115,7 @@ def test_a_killed_probe_resumes_exactly_with_the_probe_command(whole, tmp_path):
 
 
 def test_under_torchrun_it_writes_once(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527"]
-    done = subprocess.run([*torchrun, "-m", "energyssl", *RUN, "--batch-size", "8", "--out", str(tmp_path / "two")],
+    done = subprocess.run([*TORCHRUN, "-m", "energyssl", *RUN, "--batch-size", "8", "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300, env=ENV)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("linear-mae | ") == 1 and "2 process(es)" in done.stdout

@@ -16,6 +16,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from conftest import TORCHRUN
 from energyssl.checkpoint import BACKBONE, find_checkpoint, load_training_state, read_metadata
 from energyssl.cli import main
 from energyssl.metrics import read_metrics
@@ -168,7 +169,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        *TORCHRUN,
         "-m", "energyssl", "pretrain", *TINY, "--out", str(out), "--max-steps", "3", "--task", "grid_mask",
     ]  # fmt: skip
     result = subprocess.run(
@@ -195,7 +196,7 @@ def test_torchrun_gathers_keys_and_averages_the_centre(tmp_path, method, options
     them (all_reduce): two processes train through both collectives without a hang."""
     out = tmp_path / method
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+        *TORCHRUN,
         "-m", "energyssl", "pretrain", *TINY, "--method", method, "--method-options", options, "--out", str(out),
         "--max-steps", "2",
     ]  # fmt: skip
@@ -211,7 +212,7 @@ def test_torchrun_gathers_keys_and_averages_the_centre(tmp_path, method, options
 
 def test_ddp_keeps_ranks_in_sync_through_the_double_backward():
     worker = Path(__file__).parent / "ddp_sync_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", str(worker)]
+    cmd = [*TORCHRUN, str(worker)]
     path = os.pathsep.join(filter(None, [str(worker.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TORCHRUN
 from energyssl.metrics import read_metrics
 
 RUN = ["pretrain", "--model", "essl_vit_micro_patch7", "--batch-size", "16", "--task", "grid_mask", "--seed", "3"]
@@ -122,8 +123,7 @@ def test_sigint_saves_the_step_and_the_printed_command_resumes_exactly(tmp_path,
 
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519"]
-    cmd = [*torchrun, "-m", "energyssl", *RUN, "--max-steps", "400", "--out", str(out)]
+    cmd = [*TORCHRUN, "-m", "energyssl", *RUN, "--max-steps", "400", "--out", str(out)]
     _, err = signal_after(cmd, out, 3, signal.SIGTERM, env={**os.environ, "OMP_NUM_THREADS": "1"})
     steps = {int(part.split(";")[0]) for part in err.split("interrupted at step ")[1:]}
     assert err.count("interrupted at step ") == 2 and len(steps) == 1, err[-2000:]  # both ranks, one step

@@ -6,7 +6,6 @@ image size), torchrun scoring as one process does, and an exact resume."""
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from conftest import TORCHRUN
 from energyssl.data import TransformedDataset
 from energyssl.data.segmentation import (
     IGNORE,
@@ -171,8 +171,7 @@ def test_a_pretrained_vit_segments_at_another_image_size(tmp_path):
 
 def test_two_processes_score_as_one_process_scores_their_weights(tmp_path):
     out = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
-    cmd = [*torchrun, "-m", "energyssl", *RUN, "--max-steps", "4", "--save-every", "4", "--out", str(out)]
+    cmd = [*TORCHRUN, "-m", "energyssl", *RUN, "--max-steps", "4", "--save-every", "4", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("segment-linear | ") == 1 and "2 process(es)" in done.stdout
