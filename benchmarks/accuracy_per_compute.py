@@ -812,15 +812,14 @@ def growth_section(args: argparse.Namespace, points: dict[str, list[CurvePoint]]
             rows.append([method, METRICS[metric], slope_text(early), slope_text(late)])
     for method in [m for m in points if m != "energy" and "energy" in points]:
         for index, metric in ((2, "ft0.01"), (3, "knn")):
-            theirs_at = {p[0]: p[index] for p in points[method] if p[index] is not None}
-            both = [(p[0], p[index], theirs_at[p[0]]) for p in points["energy"] if p[index] and p[0] in theirs_at]
-            if not both:
+            ours, theirs = ({p[0]: p[index] for p in points[m] if p[index] is not None} for m in ("energy", method))
+            if not (shared := sorted(ours.keys() & theirs.keys())):
                 continue
-            budget, ours, theirs = both[-1]
+            budget, gap = shared[-1], ours[shared[-1]] - theirs[shared[-1]]
             slopes = [per_doubling(points[m], index, split, math.inf) for m in ("energy", method)]
             closing = None if None in slopes else slopes[0] - slopes[1]  # type: ignore[operator]
-            meet = meeting(budget, ours - theirs, closing)
-            gaps.append([method, METRICS[metric], f"{budget:g}", f"{ours - theirs:+.2f}", slope_text(closing), meet])
+            gaps.append([method, METRICS[metric], f"{budget:g}", f"{gap:+.2f}", slope_text(closing),
+                         meeting(budget, gap, closing)])  # fmt: skip
     return [
         *table(["method", "metric", f"points per doubling, to {split:g}", f"beyond {split:g}"], rows),
         "",
