@@ -304,7 +304,7 @@ def test_resume_keeps_the_runs_gradient_mode_and_frozen_parameters(tmp_path, cap
 
 
 @pytest.mark.parametrize(
-    "change,named", [(["--task", "masking"], "task=grid_mask"), (["--steps", "2"], "steps=1"),
+    "change,named", [(["--task", "masking"], "task=grid_mask"), (["--steps", "1"], "steps=2"),
                      (["--batch-size", "8"], "batch_size=16")],
 )  # fmt: skip
 def test_resume_refuses_another_task_k_or_batch(tmp_path, capsys, change, named):

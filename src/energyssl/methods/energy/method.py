@@ -29,7 +29,9 @@ class EnergyOptions:
     task: str = task_option()
     corruption: dict = corruption_option()
     steps: int = option(
-        1, "restoration steps K (1 gave the best accuracy per compute, benchmarks/RESULTS.md)", flag=True
+        2,
+        "restoration steps K (2, as the paper's: ahead of K=1 on validation at equal FLOPs, benchmarks/RESULTS.md)",
+        flag=True,
     )
     grad_mode: str = option(
         "auto",
