@@ -389,7 +389,11 @@ def stage_curve(args: argparse.Namespace) -> None:
             write_curve(args)
 
 
-CURVE_METRICS = ("ft0.01", "knn")
+CURVE_METRICS = ("ft0.01", "knn")  # in the order of a CurvePoint's scores
+
+
+def curve_key(method: str, setting: str, budget: float, metric: str) -> str:
+    return f"{method}/{setting}/b{budget:g}/{metric}"
 
 
 def curve_scores(args: argparse.Namespace) -> Scores:
@@ -409,7 +413,7 @@ def curve_cell(args: argparse.Namespace, scores: Scores, method: str, budget: fl
             return finetune(args, str(run), folder, 0.01, "test", seed, *recipe(args, 0.01))
         return probe(args, str(run), folder, "knn", "test")
 
-    return scores.get(f"{method}/{setting}/b{budget:g}/{metric}", measure)
+    return scores.get(curve_key(method, setting, budget, metric), measure)
 
 
 def stage_reference(args: argparse.Namespace) -> None:
@@ -744,11 +748,11 @@ def curve_points(args: argparse.Namespace) -> dict[str, list[CurvePoint]]:
     unit, values = supervised_epoch_flops(args), curve_scores(args).values
     points = {}
     for method in args.methods:
-        prefix = f"{method}/{chosen(args, method)}/b"
-        found = {float(key[len(prefix) :].split("/")[0]) for key in values if key.startswith(prefix)}
+        setting = chosen(args, method)
+        found = {float(b[1:]) for m, s, b, _ in (key.split("/") for key in values) if (m, s) == (method, setting)}
         rows = []
         for budget in sorted({*args.curve, args.budget, *found}):
-            ft, knn = (values.get(f"{prefix}{budget:g}/{metric}") for metric in CURVE_METRICS)
+            ft, knn = (values.get(curve_key(method, setting, budget, metric)) for metric in CURVE_METRICS)
             rows.append((budget, budget * unit / 1e12, ft, knn))
         points[method] = rows
     return points
@@ -807,11 +811,11 @@ def growth_section(args: argparse.Namespace, points: dict[str, list[CurvePoint]]
     split = 2 * args.budget
     rows, gaps = [], []
     for method, series in points.items():
-        for index, metric in ((2, "ft0.01"), (3, "knn")):
+        for index, metric in enumerate(CURVE_METRICS, start=2):
             early, late = per_doubling(series, index, 0, split), per_doubling(series, index, split, math.inf)
             rows.append([method, METRICS[metric], slope_text(early), slope_text(late)])
     for method in [m for m in points if m != "energy" and "energy" in points]:
-        for index, metric in ((2, "ft0.01"), (3, "knn")):
+        for index, metric in enumerate(CURVE_METRICS, start=2):
             ours, theirs = ({p[0]: p[index] for p in points[m] if p[index] is not None} for m in ("energy", method))
             if not (shared := sorted(ours.keys() & theirs.keys())):
                 continue

@@ -205,8 +205,9 @@ class SegmentConfig(LoopConfig):
         "linear",
         "linear (the frozen backbone's last patch features, BatchNorm and a 1x1 conv, as DINOv2's linear "
         "segmentation) or upernet (the backbone fine-tuned under a UPerNet decoder on 4 feature levels, MAE's "
-        "ADE20K recipe: blr 1.6e-3, layer decay 0.65, weight decay 0.05, drop path 0.1) (default: linear: blr 6.4e-2, "
-        "no weight decay)",
+        f"ADE20K recipe: blr {SEGMENT_UPERNET['blr']:g}, layer decay {SEGMENT_UPERNET['layer_decay']:g}, weight "
+        f"decay {SEGMENT_UPERNET['weight_decay']:g}, drop path {SEGMENT_UPERNET['drop_path']:g}) (default: linear: "
+        f"blr {SEGMENT_LINEAR['blr']:g}, no weight decay)",
         presets={"linear": SEGMENT_LINEAR, "upernet": SEGMENT_UPERNET},
     )
     data: str = _opt(
@@ -220,10 +221,13 @@ class SegmentConfig(LoopConfig):
     img_size: int | None = _opt(None, "crop size trained on and size scored at (default: the data's image size)")
     epochs: int = _opt(20, "training epochs")
     batch_size: int = _opt(16, "images per process and step")
-    blr: float = _opt(6.4e-2, "base learning rate; the actual lr is blr * total batch / 256")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    layer_decay: float = _opt(1.0, "layer-wise lr decay of the backbone under the decoder (upernet); 1 disables")
-    drop_path: float = _opt(0.0, "stochastic depth rate of the backbone (upernet)")
+    # the default protocol's preset: one place for each value
+    blr: float = _opt(SEGMENT_LINEAR["blr"], "base learning rate; the actual lr is blr * total batch / 256")
+    weight_decay: float = _opt(SEGMENT_LINEAR["weight_decay"], "AdamW weight decay")
+    layer_decay: float = _opt(
+        SEGMENT_LINEAR["layer_decay"], "layer-wise lr decay of the backbone under the decoder (upernet); 1 disables"
+    )
+    drop_path: float = _opt(SEGMENT_LINEAR["drop_path"], "stochastic depth rate of the backbone (upernet)")
     scale_range: list = _opt([0.5, 2.0], "random scale of the shorter side, as a multiple of the crop size")
     decoder_channels: int | None = _opt(None, "UPerNet decoder width (default: the backbone's last width, <= 512)")
     eval_every: int = _opt(5, "score the --eval-split every N epochs (and always after the last)")
