@@ -143,11 +143,13 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert accuracy.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and accuracy.mean_sd([85.0]) == "85.00"
     readme = tmp_path / "README.md"  # the README's block is the report's summary, the rest kept
     readme.write_text("intro\n<!-- protocol: begin -->\nold\n<!-- protocol: end -->\nrest\n")
+    readme.write_text(readme.read_text() + "<!-- table4: begin -->\n<!-- table4: end -->\n")
     _load("make_results").main(
         ["--results", str(results.parent), "--out", str(tmp_path / "R.md"), "--readme", str(readme)]
     )
     block = readme.read_text().split("<!-- protocol: begin -->")[1].split("<!-- protocol: end -->")[0]
-    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- protocol: end -->\nrest\n")
+    assert readme.read_text().startswith("intro\n") and "<!-- protocol: end -->\nrest\n" in readme.read_text()
+    assert "- **energy beats AE + the same corruption**. fine-tune 1%: grid_mask " in readme.read_text()
     assert "| energy | blr0.001" in block and "| scratch | fine-tune 1% |" in block and "old" not in block
     assert "Ceiling: " in block
     assert "![curve](results/protocol_curve.png)" in (tmp_path / "R.md").read_text()  # images found from RESULTS
@@ -330,4 +332,39 @@ def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="another setting"):
         accuracy.main([*argv, "--budget", "0.03"])
     report = (scores.parent / "table4.md").read_text()
-    assert "| energy-denoise minus ae-denoise | fine-tune 1% |" in report and "Colorization" in report
+    assert "| energy-denoise minus ae-denoise | fine-tune 1% |" in report and accuracy.NO_COLOUR in report
+
+
+def test_table4_report_follows_the_papers_layout_and_says_what_each_claim_gets(tmp_path):
+    """Rows in the paper's order (colorization marked, the rows it lacks after), and per claim a
+    verdict from the paired interval: a clear lead holds, a clear loss does not, noise cannot tell."""
+    rows = {"scratch": 70.0, "ae-sorting": 71.0, "energy-sorting": 73.0, "energy-sorting-K1": 75.0}
+    scores = {}
+    for seed, noise in enumerate((0.0, 0.3, -0.2)):
+        for metric in accuracy.TABLE4_METRICS:
+            scores |= {f"{row}/blr0.01/s{seed}/{metric}": base + noise for row, base in rows.items()}
+            scores[f"energy-sorting-K4/blr0.01/s{seed}/{metric}"] = 73.0 + 8 * noise  # K=4 - K=2: 0, 2.1, -1.4
+    args = accuracy.parse_args(["--stage", "table4", "--table4-scores", str(tmp_path / "t4.json")])
+    context = {"data": args.data, "model": args.model, "batch_size": args.batch_size, "budget": args.budget}
+    (tmp_path / "t4.json").write_text(json.dumps({"context": context, "scores": scores}))
+    lines, claim_lines = accuracy.table4_section(args)
+    cells = [line.split(" | ") for line in lines[2:8]]
+    assert [c[3] for c in cells] == [
+        "scratch", "energy-colorization", "ae-sorting", "energy-sorting", "energy-sorting-K1", "energy-sorting-K4"
+    ]  # fmt: skip
+    assert [c[0].strip("| ") for c in cells] == [
+        "masking",
+        "restoration, sorting",
+        "",
+        "",
+        "not in the paper's table",
+        "",
+    ]
+    assert cells[1][4] == accuracy.NO_COLOUR
+    claims = {line.split("**")[1]: line for line in claim_lines}
+    assert all(line in lines for line in claim_lines)
+    assert "fine-tune 1%: sorting +2.00 [+2.00, +2.00] holds" in claims["energy beats AE + the same corruption"]
+    steps = claims["more steps restore better"]
+    assert "K=2 over K=1 -2.00 [-2.00, -2.00] does not hold" in steps and "K=4 over K=2 +0.23" in steps
+    assert steps.count("cannot tell at this scale") == 3  # K=4 over K=2, each metric
+    assert "| energy-sorting minus ae-sorting | fine-tune 1% | +2.00 | [+2.00, +2.00] | holds | +2.3 |" in lines
