@@ -899,7 +899,8 @@ def meeting(budget: float, gap: float, closing: float | None) -> str:
 
 
 def write_curve(args: argparse.Namespace) -> None:
-    """The curve's report and PNG, next to its scores (rewritten as points finish)."""
+    """The curve's report and PNG, next to its scores (rewritten as points finish), and its growth
+    tables alone in curve_summary.md (the README quotes them)."""
     path = Path(args.curve_scores).with_name("curve.md")
     points = curve_points(args)
     intro = (
@@ -911,7 +912,9 @@ def write_curve(args: argparse.Namespace) -> None:
         f"{' '.join(f'{b:g}' for b in args.curve)} --methods {' '.join(args.methods)}`."
     )
     lines = [intro, "", f"![curve]({path.stem}.png)", "", *curve_section(args, path.with_suffix(".png"), points)]
-    path.write_text("\n".join([*lines, "", *growth_section(args, points)]) + "\n")
+    growth = growth_section(args, points)
+    path.write_text("\n".join([*lines, "", *growth]) + "\n")
+    path.with_name("curve_summary.md").write_text("\n".join(growth) + "\n")
 
 
 def write_report(args: argparse.Namespace, argv: list[str]) -> None:

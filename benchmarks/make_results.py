@@ -28,7 +28,7 @@ SECTIONS = [
 ]
 
 # README blocks, between "<!-- NAME: begin -->" and "<!-- NAME: end -->": NAME -> table
-README_BLOCKS = {"protocol": "protocol_summary.md", "table4": "table4_claims.md"}
+README_BLOCKS = {"protocol": "protocol_summary.md", "table4": "table4_claims.md", "curve": "curve_summary.md"}
 
 
 def fill_readme(readme: Path, results: Path) -> None:

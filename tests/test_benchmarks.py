@@ -143,13 +143,16 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     assert accuracy.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and accuracy.mean_sd([85.0]) == "85.00"
     readme = tmp_path / "README.md"  # the README's block is the report's summary, the rest kept
     readme.write_text("intro\n<!-- protocol: begin -->\nold\n<!-- protocol: end -->\nrest\n")
-    readme.write_text(readme.read_text() + "<!-- table4: begin -->\n<!-- table4: end -->\n")
+    readme.write_text(
+        readme.read_text() + "".join(f"<!-- {n}: begin -->\n<!-- {n}: end -->\n" for n in ("table4", "curve"))
+    )
     _load("make_results").main(
         ["--results", str(results.parent), "--out", str(tmp_path / "R.md"), "--readme", str(readme)]
     )
     block = readme.read_text().split("<!-- protocol: begin -->")[1].split("<!-- protocol: end -->")[0]
     assert readme.read_text().startswith("intro\n") and "<!-- protocol: end -->\nrest\n" in readme.read_text()
     assert "- **energy beats AE + the same corruption**. fine-tune 1%: grid_mask " in readme.read_text()
+    assert "| energy | kNN | " in readme.read_text().split("<!-- curve: begin -->")[1]
     assert "| energy | blr0.001" in block and "| scratch | fine-tune 1% |" in block and "old" not in block
     assert "Ceiling: " in block
     assert "![curve](results/protocol_curve.png)" in (tmp_path / "R.md").read_text()  # images found from RESULTS
