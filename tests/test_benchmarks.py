@@ -347,27 +347,24 @@ def test_table4_report_follows_the_papers_layout_and_says_what_each_claim_gets(t
         for metric in accuracy.TABLE4_METRICS:
             scores |= {f"{row}/blr0.01/s{seed}/{metric}": base + noise for row, base in rows.items()}
             scores[f"energy-sorting-K4/blr0.01/s{seed}/{metric}"] = 73.0 + 8 * noise  # K=4 - K=2: 0, 2.1, -1.4
+            scores[f"energy-denoise/blr0.01/s{seed}/{metric}"] = 72.5 + 3 * noise  # sorting - denoise: 0.5, -0.1, 0.9
     args = accuracy.parse_args(["--stage", "table4", "--table4-scores", str(tmp_path / "t4.json")])
     context = {"data": args.data, "model": args.model, "batch_size": args.batch_size, "budget": args.budget}
     (tmp_path / "t4.json").write_text(json.dumps({"context": context, "scores": scores}))
     lines, claim_lines = accuracy.table4_section(args)
-    cells = [line.split(" | ") for line in lines[2:8]]
+    cells = [line.split(" | ") for line in lines[2:9]]
     assert [c[3] for c in cells] == [
-        "scratch", "energy-colorization", "ae-sorting", "energy-sorting", "energy-sorting-K1", "energy-sorting-K4"
+        "scratch", "energy-denoise", "energy-colorization", "ae-sorting", "energy-sorting", "energy-sorting-K1",
+        "energy-sorting-K4",
     ]  # fmt: skip
-    assert [c[0].strip("| ") for c in cells] == [
-        "masking",
-        "restoration, sorting",
-        "",
-        "",
-        "not in the paper's table",
-        "",
-    ]
-    assert cells[1][4] == accuracy.NO_COLOUR
+    panels = ["masking", "restoration, sorting", "", "", "", "not in the paper's table", ""]
+    assert [c[0].strip("| ") for c in cells] == panels and cells[2][4] == accuracy.NO_COLOUR
     claims = {line.split("**")[1]: line for line in claim_lines}
     assert all(line in lines for line in claim_lines)
     assert "fine-tune 1%: sorting +2.00 [+2.00, +2.00] holds" in claims["energy beats AE + the same corruption"]
     steps = claims["more steps restore better"]
     assert "K=2 over K=1 -2.00 [-2.00, -2.00] does not hold" in steps and "K=4 over K=2 +0.23" in steps
     assert steps.count("cannot tell at this scale") == 3  # K=4 over K=2, each metric
-    assert "| energy-sorting minus ae-sorting | fine-tune 1% | +2.00 | [+2.00, +2.00] | holds | +2.3 |" in lines
+    assert "fine-tune 1%: best sorting minus worst denoise +0.43 [" in claims[accuracy.ALIKE]
+    assert claims[accuracy.ALIKE].count("cannot tell them apart") == 3
+    assert "| energy-sorting minus ae-sorting | fine-tune 1% | +2.00 [+2.00, +2.00] | holds | +2.3 |" in lines
