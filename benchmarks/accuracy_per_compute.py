@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
-import math
 import shlex
 import statistics
 import subprocess
@@ -43,7 +41,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
+
+from report_tables import (
+    CURVE_METRICS,
+    METRICS,
+    SCRATCH,
+    TABLE4_METRICS,
+    CurvePoint,
+    SeedScores,
+    curve_figure,
+    growth_section,
+    mean_sd,
+    paired,
+    score,
+    table,
+    table4_section,
+    verdict,
+)
 
 from energyssl.checkpoint import find_checkpoint, load_training_state
 from energyssl.cli import parse_config
@@ -52,7 +67,7 @@ from energyssl.data import DataInfo, load_dataset
 from energyssl.flops import pretrain_step_flops, supervised_step_flops
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure  # imported when the report draws, not at start-up
+    pass  # imported when the report draws, not at start-up
 
 
 @dataclass(frozen=True)
@@ -103,13 +118,11 @@ METHODS: dict[str, Method] = {
         },
     ),
 }
-SCRATCH, PIXELS = "scratch", "pixels"
+PIXELS = "pixels"
 FRACTIONS = (0.01, 0.1)
 # The fine-tuning recipe without mixup, cutmix and RandAugment, which underfit at these budgets;
 # its epochs and learning rate are chosen on validation by the recipe stage.
 FINETUNE_FLAGS = ["--mixup", "0", "--cutmix", "0", "--randaug", "", "--warmup-epochs", "1"]
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-METRICS = {"ft0.01": "fine-tune 1%", "ft0.1": "fine-tune 10%", "knn": "kNN", "linear": "linear"}
 STAGES = ("recipe", "sweep", "seeds", "curve", "reference", "table4", "report")
 # The paper's Table 4 at our scale: each pretext task for the energy method (K=2, as the sweep
 # chose), the autoencoder with the same corruption (AE + task), then K at the best task.
@@ -117,7 +130,6 @@ ENERGY_TASKS = ("grid_mask", "block_mask", "block_mask_large", "super_resolution
 AE_TASKS = ("super_resolution", "denoise", "sorting", "grid_mask")
 PAIRED_FIRST = ("super_resolution", "denoise", "sorting", "grid_mask")  # the paper's central claim runs first
 K_VALUES = (1, 2, 4)
-TABLE4_METRICS = ("ft0.01", "knn", "linear")
 for _task in ENERGY_TASKS:
     METHODS[f"energy-{_task}"] = Method([*METHODS["energy"].flags, "--task", _task, "--steps", "2"])
     METHODS[f"energy-{_task}-K1"] = Method([*METHODS[f"energy-{_task}"].flags, "--steps", "1"])
@@ -390,9 +402,6 @@ def stage_curve(args: argparse.Namespace) -> None:
             write_curve(args)
 
 
-CURVE_METRICS = ("ft0.01", "knn")  # in the order of a CurvePoint's scores
-
-
 def curve_key(method: str, setting: str, budget: float, metric: str) -> str:
     return f"{method}/{setting}/b{budget:g}/{metric}"
 
@@ -551,193 +560,12 @@ def write_table4(args: argparse.Namespace) -> None:
         "fewer seeds than asked says so.",
         "",
     ]
-    report, claims = table4_section(args)
+    report, claims = table4_section(SeedScores(table4_scores(args).values, tuple(args.seeds)))
     path.write_text("\n".join([*intro, *report]) + "\n")
     path.with_name("table4_claims.md").write_text("".join(f"{claim}\n" for claim in claims))
 
 
-# The paper's Table 4 in its order (ViT-S/16, 100 epochs of pretraining and fine-tuning on
-# ImageNet-1K): panel, our row, the paper's row, its top-1.
-PAPER_TABLE4 = (
-    ("masking", SCRATCH, "from scratch", 76.6),
-    ("masking", "energy-block_mask_large", "random large", 79.7),
-    ("masking", "energy-block_mask", "random small", 79.3),
-    ("masking", "ae-grid_mask", "MAE, 70%", 78.3),
-    ("masking", "energy-grid_mask", "gridded (16), 70%", 79.0),
-    ("restoration, sorting", "ae-super_resolution", "AE + SR 16", 77.1),
-    ("restoration, sorting", "energy-super_resolution", "SR 16", 79.6),
-    ("restoration, sorting", "ae-denoise", "AE + denoising", 76.8),
-    ("restoration, sorting", "energy-denoise", "denoising", 79.2),
-    ("restoration, sorting", "energy-colorization", "colorization", 79.5),
-    ("restoration, sorting", "ae-sorting", "AE + sorting", 77.2),
-    ("restoration, sorting", "energy-sorting", "patch sorting", 79.5),
-)
-NO_COLOUR = "needs colour images; this machine has none"
-
-
-def table4_values(args: argparse.Namespace, scores: dict[str, float], row: str, metric: str) -> list[float]:
-    """A row's test scores over the pretraining seeds run so far (the row's setting, any lr)."""
-    found = {}
-    for key, value in scores.items():
-        name, setting, seed, what = key.split("/")
-        if name == row and what == metric and int(seed[1:]) in args.seeds:
-            found[int(seed[1:])] = value
-    return [found[seed] for seed in args.seeds if seed in found]
-
-
-def table4_layout(rows_seen: list[str]) -> list[tuple[str, str, str, float | None]]:
-    """The paper's rows in its order, then the rows it does not have (mixed, K = 1 and 4)."""
-    ours = [(panel, row, name, top1) for panel, row, name, top1 in PAPER_TABLE4 if row in rows_seen or "color" in row]
-    listed = {row for _, row, _, _ in ours}
-    return ours + [("not in the paper's table", row, "-", None) for row in rows_seen if row not in listed]
-
-
-def table4_pairs(rows_seen: list[str]) -> dict[str, list[tuple[str, str, str]]]:
-    """The differences each of the paper's claims rests on, as (label, row, row it should beat)."""
-    energy = [row for row in rows_seen if row.startswith("energy-") and "-K" not in row]
-    shared = [task for task in AE_TASKS if {f"energy-{task}", f"ae-{task}"} <= {*rows_seen}]
-    k_rows = {int(row.rsplit("-K", 1)[1]): row for row in rows_seen if "-K" in row}
-    if k_rows:  # the K=2 row is the task's own row
-        k_rows[2] = next(iter(k_rows.values())).rsplit("-K", 1)[0]
-    return {
-        "energy beats AE + the same corruption": [(task, f"energy-{task}", f"ae-{task}") for task in shared],
-        "every pretext task beats training from scratch": [
-            (row.removeprefix("energy-"), row, SCRATCH) for row in energy
-        ],
-        "AE + the same corruption beats training from scratch": [
-            (row.removeprefix("ae-"), row, SCRATCH) for row in rows_seen if row.startswith("ae-")
-        ],
-        "more steps restore better": [
-            (f"K={k} over K={j}", row, below) for (j, below), (k, row) in itertools.pairwise(sorted(k_rows.items()))
-        ],
-    }
-
-
-def table4_difference(args: argparse.Namespace, scores: dict, a: str, b: str, metric: str) -> tuple | None:
-    """Mean of a - b paired by seed and its 95% interval, once both rows have every seed."""
-    x, y = table4_values(args, scores, a, metric), table4_values(args, scores, b, metric)
-    return paired(x, y) if len(x) == len(y) == len(args.seeds) else None
-
-
-def spread(args: argparse.Namespace, scores: dict, rows_seen: list[str], metric: str) -> tuple[str, str] | None:
-    """Our best and worst single task by mean (every seed run), for the claim that they score alike.
-    The pair is picked after seeing the means, so a gap is easier to find than to trust."""
-    single = [row for row in rows_seen if row.startswith("energy-") and "-K" not in row and row != "energy-mixed"]
-    means = {}
-    for row in single:
-        if len(values := table4_values(args, scores, row, metric)) == len(args.seeds):
-            means[row] = statistics.mean(values)
-    return (max(means, key=means.__getitem__), min(means, key=means.__getitem__)) if len(means) > 1 else None
-
-
-class Finding(NamedTuple):
-    """One paired difference a claim rests on, and what it says of the claim."""
-
-    metric: str
-    label: str
-    row: str
-    other: str
-    difference: tuple[float, float, float]  # mean, 95% interval
-    words: str
-
-
-ALIKE = "the single tasks score alike (paper: 79.0 to 79.7)"
-UNSURE = "cannot tell at this scale"
-
-
-def claim_findings(args: argparse.Namespace, scores: dict, rows_seen: list[str]) -> dict[str, list[Finding]]:
-    """Each of the paper's claims with the paired differences it rests on and what each says."""
-    findings: dict[str, list[Finding]] = {}
-    for claim, pairs in table4_pairs(rows_seen).items():
-        findings[claim] = []
-        for metric, (label, a, b) in itertools.product(TABLE4_METRICS, pairs):
-            if d := table4_difference(args, scores, a, b, metric):
-                words = "holds" if d[1] > 0 else "does not hold (the other way round)" if d[2] < 0 else UNSURE
-                findings[claim].append(Finding(metric, label, a, b, d, words))
-    findings[ALIKE] = []
-    for metric in TABLE4_METRICS:
-        if pair := spread(args, scores, rows_seen, metric):
-            d = table4_difference(args, scores, *pair, metric)
-            words = "does not hold (they differ)" if d[1] > 0 else "cannot tell them apart"
-            findings[ALIKE].append(
-                Finding(metric, "best {} minus worst {}".format(*(r[7:] for r in pair)), *pair, d, words)
-            )
-    return findings
-
-
-def paper_difference(a: str, b: str, metric: str) -> str:
-    """The paper's difference, for fine-tuning (its only column)."""
-    top1 = {row: value for _, row, _, value in PAPER_TABLE4}
-    return f"{top1[a] - top1[b]:+.1f}" if metric == "ft0.01" and a in top1 and b in top1 else "-"
-
-
-def interval(d: tuple[float, float, float]) -> str:
-    return f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
-
-
-def table4_section(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """Our numbers beside the paper's Table 4, in its layout, and the paired differences each of
-    the paper's claims rests on; with the claims, a sentence each (the README quotes them)."""
-    scores = table4_scores(args).values
-    rows_seen = sorted({key.split("/")[0] for key in scores})
-    n, results, panel_shown = len(args.seeds), [], ""
-    for panel, row, name, paper_top1 in table4_layout(rows_seen):
-        cells = [mean_sd(table4_values(args, scores, row, m), n) for m in TABLE4_METRICS] if row in rows_seen else []
-        results.append(
-            [panel if panel != panel_shown else "", name, score(paper_top1), row, *(cells or [NO_COLOUR, "", ""])]
-        )
-        panel_shown = panel
-    differences, claims = [], []
-    for claim, found in claim_findings(args, scores, rows_seen).items():
-        for f in found:
-            paper = paper_difference(f.row, f.other, f.metric)
-            differences.append([f"{f.row} minus {f.other}", METRICS[f.metric], interval(f.difference), f.words, paper])
-        said = []
-        for metric in TABLE4_METRICS:
-            if parts := [f"{f.label} {interval(f.difference)} {f.words}" for f in found if f.metric == metric]:
-                said.append(f"{METRICS[metric]}: " + "; ".join(parts))
-        if said:
-            claims.append(f"- **{claim}**. " + ". ".join(said) + ".")
-    head = ["panel", "paper's row", "paper top-1", "our row", *(METRICS[m] for m in TABLE4_METRICS)]
-    report = [
-        *table(head, results),
-        "",
-        "The claims, each difference paired by pretraining seed with its 95% t interval (only where "
-        "both rows have every seed); the paper's evidence is its fine-tuning column.",
-        "",
-        *claims,
-        "",
-        *table(["difference", "metric", "mean [95% interval]", "the claim", "paper"], differences),
-    ]
-    return report, claims
-
-
 # -- the report ---------------------------------------------------------------------------------
-
-
-def score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def mean_sd(values: list[float], seeds: int = 1) -> str:
-    """'mean ± sd' over pretraining seeds ('-' when none ran), marked when fewer than ``seeds``
-    of them have run."""
-    if not values:
-        return "-"
-    text = f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-    return text if len(values) >= seeds else f"{text} ({len(values)} of {seeds} seeds)"
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Mean of a - b paired by seed, and its 95% t interval."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean = statistics.mean(diffs)
-    half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, mean - half, mean + half
-
-
-def verdict(low: float, high: float) -> str:
-    return "energy ahead" if low > 0 else "energy behind" if high < 0 else "tied"
 
 
 def run_facts(run: Path) -> dict:
@@ -746,10 +574,6 @@ def run_facts(run: Path) -> dict:
     if (run / "latest").exists():
         facts["elapsed"] = load_training_state(find_checkpoint(run))["elapsed"]
     return facts
-
-
-def table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def recipe_section(args: argparse.Namespace) -> list[str]:
@@ -831,9 +655,6 @@ def differences_section(args: argparse.Namespace, scores: dict[str, dict[str, li
     return table(["energy minus", "metric", "mean difference", "95% interval", "verdict"], rows)
 
 
-CurvePoint = tuple[float, float, float | None, float | None]  # budget, TFLOPs, fine-tune 1%, kNN
-
-
 def curve_points(args: argparse.Namespace) -> dict[str, list[CurvePoint]]:
     """Each method's points at every budget it has a score at (and those asked for), seed 0, on
     test, from the curve's scores (None where a run has not finished)."""
@@ -850,39 +671,6 @@ def curve_points(args: argparse.Namespace) -> dict[str, list[CurvePoint]]:
     return points
 
 
-def per_doubling(series: list[CurvePoint], index: int, low: float, high: float) -> float | None:
-    """Points gained per doubling of compute between budgets ``low`` and ``high`` (the slope of
-    a least-squares line against log2 of the budget), None with fewer than 2 points."""
-    done = [(math.log2(p[0]), p[index]) for p in series if low <= p[0] <= high and p[index] is not None]
-    if len(done) < 2:
-        return None
-    return statistics.linear_regression(*zip(*done, strict=True)).slope
-
-
-def curve_figure(points: dict[str, list[CurvePoint]], random_init: dict[str, float]) -> Figure:
-    """Fine-tune 1% and kNN against TFLOPs, ticked at the budgets. A method keeps its colour in
-    both panels, and one legend sits beside them: with six methods a legend inside hid points."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
-    ticks = sorted({p[1] for series in points.values() for p in series})
-    for ax, index, key, name in zip(axes, (2, 3), ("ft0.01", "knn"), ("fine-tune, 1% labels", "kNN"), strict=True):
-        for colour, (method, series) in enumerate(points.items()):
-            done = [(p[1], p[index]) for p in series if p[index] is not None]
-            if done:
-                ax.plot(*zip(*done, strict=True), marker="o", color=f"C{colour}", label=method)
-        if key in random_init:
-            ax.axhline(random_init[key], color="grey", linestyle="--", label="random init")
-        ax.set(xscale="log", xlabel="pretraining TFLOPs", ylabel="test top-1 (%)", title=name)
-        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], minor=False)
-        ax.set_xticks([], minor=True)
-    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
-    fig.legend(legend.values(), legend.keys(), loc="center right", fontsize="small")
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    return fig
-
-
 def curve_section(args: argparse.Namespace, png: Path, points: dict[str, list[CurvePoint]]) -> list[str]:
     rows = [
         [method, f"{budget:g}", f"{tflops:.1f}", f"{ft:.2f}" if ft else "-", f"{knn:.2f}" if knn else "-"]
@@ -894,49 +682,6 @@ def curve_section(args: argparse.Namespace, png: Path, points: dict[str, list[Cu
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
     return table(["method", "budget (supervised epochs)", "TFLOPs", "fine-tune 1%", "kNN"], rows)
-
-
-def growth_section(args: argparse.Namespace, points: dict[str, list[CurvePoint]]) -> list[str]:
-    """Points gained per doubling of compute up to the base budget's double and beyond it, and
-    the energy method's gap to each other method at the largest budget both reached, with the
-    budget where the fitted lines of the last span would meet (an extrapolation, one seed)."""
-    split = 2 * args.budget
-    rows, gaps = [], []
-    for method, series in points.items():
-        for index, metric in enumerate(CURVE_METRICS, start=2):
-            early, late = per_doubling(series, index, 0, split), per_doubling(series, index, split, math.inf)
-            rows.append([method, METRICS[metric], slope_text(early), slope_text(late)])
-    for method in [m for m in points if m != "energy" and "energy" in points]:
-        for index, metric in enumerate(CURVE_METRICS, start=2):
-            ours, theirs = ({p[0]: p[index] for p in points[m] if p[index] is not None} for m in ("energy", method))
-            if not (shared := sorted(ours.keys() & theirs.keys())):
-                continue
-            budget, gap = shared[-1], ours[shared[-1]] - theirs[shared[-1]]
-            slopes = [per_doubling(points[m], index, split, math.inf) for m in ("energy", method)]
-            closing = None if None in slopes else slopes[0] - slopes[1]  # type: ignore[operator]
-            gaps.append([method, METRICS[metric], f"{budget:g}", f"{gap:+.2f}", slope_text(closing),
-                         meeting(budget, gap, closing)])  # fmt: skip
-    return [
-        *table(["method", "metric", f"points per doubling, to {split:g}", f"beyond {split:g}"], rows),
-        "",
-        *table(["energy minus", "metric", "at budget", "gap", "closing per doubling", "lines meet at"], gaps),
-    ]
-
-
-def slope_text(slope: float | None) -> str:
-    return "-" if slope is None else f"{slope:+.2f}"
-
-
-def meeting(budget: float, gap: float, closing: float | None) -> str:
-    """Where a gap closing by ``closing`` points per doubling reaches zero: the budget in
-    supervised epochs, 'met' if it already has, 'never' if it does not close."""
-    if gap >= 0:
-        return "met"
-    if closing is None:
-        return "-"
-    if closing <= 0:
-        return "never (not closing)"
-    return f"~{budget * 2 ** (-gap / closing):.3g} (extrapolated)"
 
 
 def write_curve(args: argparse.Namespace) -> None:
@@ -953,7 +698,7 @@ def write_curve(args: argparse.Namespace) -> None:
         f"{' '.join(f'{b:g}' for b in args.curve)} --methods {' '.join(args.methods)}`."
     )
     lines = [intro, "", f"![curve]({path.stem}.png)", "", *curve_section(args, path.with_suffix(".png"), points)]
-    growth = growth_section(args, points)
+    growth = growth_section(points, args.budget)
     path.write_text("\n".join([*lines, "", *growth]) + "\n")
     path.with_name("curve_summary.md").write_text("\n".join(growth) + "\n")
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import accuracy_per_compute as protocol
+import report_tables as tables
 
 # The segment command's first default (1.6e-2), /4, x4 and x16: seed 0 of the random init and of MAE
 # chose x4, the grid's top, so the grid went one step further for every row; the default is now x4.
@@ -65,11 +66,11 @@ def scores_file(args: argparse.Namespace) -> protocol.Scores:
 
 
 def rows(args: argparse.Namespace) -> list[str]:
-    return [protocol.SCRATCH, *args.methods]
+    return [tables.SCRATCH, *args.methods]
 
 
 def init_of(args: argparse.Namespace, row: str, seed: int) -> str:
-    if row == protocol.SCRATCH:
+    if row == tables.SCRATCH:
         return "none"
     return str(protocol.pretrain(args, row, protocol.chosen(args, row), args.budget, seed))
 
@@ -114,16 +115,16 @@ def write_report(args: argparse.Namespace, scores: protocol.Scores) -> None:
     n = len(args.seeds)
     head = ["row", "pretraining setting", "base lr (val)", "test mIoU", "paper's ADE20K mIoU (ViT-B)"]
     table = [
-        [row, "random init" if row == protocol.SCRATCH else protocol.chosen(args, row), blr,
-         protocol.mean_sd(found, n), protocol.score(PAPER_ADE20K.get(row))]
+        [row, "random init" if row == tables.SCRATCH else protocol.chosen(args, row), blr,
+         tables.mean_sd(found, n), tables.score(PAPER_ADE20K.get(row))]
         for row, (blr, found) in values.items()
     ]  # fmt: skip
     energy = values.get("energy", ("-", []))[1]
     diffs = []
     for row, (_, found) in values.items():
         if row != "energy" and len(found) == len(energy) == n:
-            mean, low, high = protocol.paired(energy, found)
-            diffs.append([row, f"{mean:+.2f}", f"[{low:+.2f}, {high:+.2f}]", protocol.verdict(low, high)])
+            mean, low, high = tables.paired(energy, found)
+            diffs.append([row, f"{mean:+.2f}", f"[{low:+.2f}, {high:+.2f}]", tables.verdict(low, high)])
     lines = [
         f"Linear segmentation probe (`energyssl segment --protocol linear`, {EPOCHS} epochs, batch 16) on the "
         "embedded garment scenes (56 px, 11 classes: background and the 10 garments; 1,200 training and 333 test "
@@ -136,11 +137,11 @@ def write_report(args: argparse.Namespace, scores: protocol.Scores) -> None:
         "continue): "
         "`python benchmarks/segmentation_transfer.py`.",
         "",
-        *protocol.table(head, table),
+        *tables.table(head, table),
         "",
         "Energy minus each row, paired by pretraining seed (95% t interval; rows with every seed run):",
         "",
-        *protocol.table(["energy minus", "mean difference (mIoU)", "95% interval", "verdict"], diffs),
+        *tables.table(["energy minus", "mean difference (mIoU)", "95% interval", "verdict"], diffs),
     ]
     Path(args.scores).with_name("segmentation.md").write_text("\n".join(lines) + "\n")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other, as when run from benchmarks/
 
 
 def _load(name: str):
@@ -23,6 +24,7 @@ def _load(name: str):
 
 
 accuracy = _load("accuracy_per_compute")
+tables = importlib.import_module("report_tables")
 
 
 @pytest.mark.parametrize(
@@ -40,11 +42,11 @@ def test_accuracy_per_compute_rejects_bad_arguments(argv, message, capsys):
 
 
 def test_paired_differences_have_a_t_interval():
-    mean, low, high = accuracy.paired([3.0, 4.0, 5.0], [1.0, 1.0, 2.0])  # differences 2, 3, 3
+    mean, low, high = tables.paired([3.0, 4.0, 5.0], [1.0, 1.0, 2.0])  # differences 2, 3, 3
     half = 4.303 * (1 / 3) ** 0.5 / 3**0.5
     assert mean == pytest.approx(8 / 3) and (low, high) == pytest.approx((8 / 3 - half, 8 / 3 + half))
-    assert accuracy.verdict(low, high) == "energy ahead"
-    assert accuracy.verdict(*accuracy.paired([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])[1:]) == "tied"
+    assert tables.verdict(low, high) == "energy ahead"
+    assert tables.verdict(*tables.paired([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])[1:]) == "tied"
     assert accuracy.best({"a": 1.0, "b": 2.0, "c": 2.0}) == "b"  # ties go to the first listed
 
 
@@ -68,7 +70,7 @@ def test_curve_figure_has_one_legend_beside_the_panels_and_ticks_at_the_budgets(
         "dino": [(0.5, 2.4, None, 65.0), (2.0, 9.7, None, None)],  # its fine-tunes still running
         "energy": [(0.5, 2.4, 75.0, 61.0), (2.0, 9.7, 77.0, 68.0)],
     }
-    fig = accuracy.curve_figure(points, {"ft0.01": 76.7})
+    fig = tables.curve_figure(points, {"ft0.01": 76.7})
     finetune, knn = fig.axes
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["energy", "random init", "dino"]
     assert finetune.get_legend() is None and knn.get_legend() is None
@@ -81,23 +83,22 @@ def test_curve_figure_has_one_legend_beside_the_panels_and_ticks_at_the_budgets(
 def test_curve_growth_is_the_slope_per_doubling_and_says_where_lines_meet():
     """Points per doubling are a least-squares slope against log2 of the budget, per span; a gap
     that closes is extrapolated to the budget where it reaches zero, one that does not is said."""
-    args = accuracy.parse_args(["--stage", "curve", "--budget", "2"])
     points = {
         "energy": [(1.0, 0, 70.0, 60.0), (2.0, 0, 71.0, 62.0), (4.0, 0, 72.0, 64.0), (8.0, 0, 74.0, 67.0),
                    (16.0, 0, 76.0, 70.0)],
         "mae": [(1.0, 0, 75.0, 80.0), (2.0, 0, 75.5, 80.0), (4.0, 0, 76.0, 80.0), (8.0, 0, 76.0, 81.0),
                 (16.0, 0, 76.0, None)],
     }  # fmt: skip
-    assert accuracy.per_doubling(points["energy"], 2, 0, 4) == pytest.approx(1.0)
-    assert accuracy.per_doubling(points["energy"], 3, 4, 16) == pytest.approx(3.0)
-    assert accuracy.per_doubling(points["mae"], 3, 16, 32) is None  # one point, no slope
-    lines = accuracy.growth_section(args, points)
+    assert tables.per_doubling(points["energy"], 2, 0, 4) == pytest.approx(1.0)
+    assert tables.per_doubling(points["energy"], 3, 4, 16) == pytest.approx(3.0)
+    assert tables.per_doubling(points["mae"], 3, 16, 32) is None  # one point, no slope
+    lines = tables.growth_section(points, budget=2)
     assert "| energy | fine-tune 1% | +1.00 | +2.00 |" in lines
     assert "| mae | fine-tune 1% | +0.50 | +0.00 |" in lines
     # fine-tune: energy 76 vs 76 at 16 (met); kNN: -14 at 8, closing 3 - 1 = 2 per doubling -> 8 * 2**7
     assert "| mae | fine-tune 1% | 16 | +0.00 | +2.00 | met |" in lines
     assert "| mae | kNN | 8 | -14.00 | +2.00 | ~1.02e+03 (extrapolated) |" in lines
-    assert accuracy.meeting(8, -1.0, -0.5) == "never (not closing)" and accuracy.meeting(8, -1.0, None) == "-"
+    assert tables.meeting(8, -1.0, -0.5) == "never (not closing)" and tables.meeting(8, -1.0, None) == "-"
 
 
 def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys):
@@ -140,7 +141,7 @@ def test_accuracy_per_compute_protocol_end_to_end(tmp_path, monkeypatch, capsys)
     accuracy.main(["--stage", "report", *argv, "--methods", "energy", "mae"])  # a method not swept yet: listed
     assert "(sweep not finished): mae." in results.read_text() and "| energy | blr0.001" in results.read_text()
     accuracy.main(["--stage", "report", *argv])
-    assert accuracy.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and accuracy.mean_sd([85.0]) == "85.00"
+    assert tables.mean_sd([70.0, 72.0], 3) == "71.00 ± 1.41 (2 of 3 seeds)" and tables.mean_sd([85.0]) == "85.00"
     readme = tmp_path / "README.md"  # the README's block is the report's summary, the rest kept
     readme.write_text("intro\n<!-- protocol: begin -->\nold\n<!-- protocol: end -->\nrest\n")
     readme.write_text(
@@ -335,36 +336,33 @@ def test_table4_stage_resumes_from_its_committed_scores(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="another setting"):
         accuracy.main([*argv, "--budget", "0.03"])
     report = (scores.parent / "table4.md").read_text()
-    assert "| energy-denoise minus ae-denoise | fine-tune 1% |" in report and accuracy.NO_COLOUR in report
+    assert "| energy-denoise minus ae-denoise | fine-tune 1% |" in report and tables.NO_COLOUR in report
 
 
-def test_table4_report_follows_the_papers_layout_and_says_what_each_claim_gets(tmp_path):
+def test_table4_report_follows_the_papers_layout_and_says_what_each_claim_gets():
     """Rows in the paper's order (colorization marked, the rows it lacks after), and per claim a
     verdict from the paired interval: a clear lead holds, a clear loss does not, noise cannot tell."""
     rows = {"scratch": 70.0, "ae-sorting": 71.0, "energy-sorting": 73.0, "energy-sorting-K1": 75.0}
     scores = {}
     for seed, noise in enumerate((0.0, 0.3, -0.2)):
-        for metric in accuracy.TABLE4_METRICS:
+        for metric in tables.TABLE4_METRICS:
             scores |= {f"{row}/blr0.01/s{seed}/{metric}": base + noise for row, base in rows.items()}
             scores[f"energy-sorting-K4/blr0.01/s{seed}/{metric}"] = 73.0 + 8 * noise  # K=4 - K=2: 0, 2.1, -1.4
             scores[f"energy-denoise/blr0.01/s{seed}/{metric}"] = 72.5 + 3 * noise  # sorting - denoise: 0.5, -0.1, 0.9
-    args = accuracy.parse_args(["--stage", "table4", "--table4-scores", str(tmp_path / "t4.json")])
-    context = {"data": args.data, "model": args.model, "batch_size": args.batch_size, "budget": args.budget}
-    (tmp_path / "t4.json").write_text(json.dumps({"context": context, "scores": scores}))
-    lines, claim_lines = accuracy.table4_section(args)
+    lines, claim_lines = tables.table4_section(tables.SeedScores(scores, seeds=(0, 1, 2)))
     cells = [line.split(" | ") for line in lines[2:9]]
     assert [c[3] for c in cells] == [
         "scratch", "energy-denoise", "energy-colorization", "ae-sorting", "energy-sorting", "energy-sorting-K1",
         "energy-sorting-K4",
     ]  # fmt: skip
     panels = ["masking", "restoration, sorting", "", "", "", "not in the paper's table", ""]
-    assert [c[0].strip("| ") for c in cells] == panels and cells[2][4] == accuracy.NO_COLOUR
+    assert [c[0].strip("| ") for c in cells] == panels and cells[2][4] == tables.NO_COLOUR
     claims = {line.split("**")[1]: line for line in claim_lines}
     assert all(line in lines for line in claim_lines)
     assert "fine-tune 1%: sorting +2.00 [+2.00, +2.00] holds" in claims["energy beats AE + the same corruption"]
     steps = claims["more steps restore better"]
     assert "K=2 over K=1 -2.00 [-2.00, -2.00] does not hold" in steps and "K=4 over K=2 +0.23" in steps
     assert steps.count("cannot tell at this scale") == 3  # K=4 over K=2, each metric
-    assert "fine-tune 1%: best sorting minus worst denoise +0.43 [" in claims[accuracy.ALIKE]
-    assert claims[accuracy.ALIKE].count("cannot tell them apart") == 3
+    assert "fine-tune 1%: best sorting minus worst denoise +0.43 [" in claims[tables.ALIKE]
+    assert claims[tables.ALIKE].count("cannot tell them apart") == 3
     assert "| energy-sorting minus ae-sorting | fine-tune 1% | +2.00 [+2.00, +2.00] | holds | +2.3 |" in lines
