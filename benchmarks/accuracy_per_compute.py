@@ -25,8 +25,9 @@ keeps its points in ``--curve-scores`` likewise (the committed file's points at 
 epochs were copied, at two decimals, from the protocol report's curve table, measured before the
 file existed).
 
-Runs one training at a time. With `--disturbed` the stage's wall times are marked as taken while
-the machine did other work (the budgets, in FLOPs, are unaffected).
+The tables, intervals and the paper's claims are built by ``report_tables.py`` from the scores
+alone. Runs one training at a time. With `--disturbed` the stage's wall times are marked as
+taken while the machine did other work (the budgets, in FLOPs, are unaffected).
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from report_tables import (
+from report_tables import (  # beside this script (its folder is on sys.path when it runs)
     CURVE_METRICS,
     METRICS,
     SCRATCH,
@@ -65,9 +65,6 @@ from energyssl.cli import parse_config
 from energyssl.config import PretrainConfig
 from energyssl.data import DataInfo, load_dataset
 from energyssl.flops import pretrain_step_flops, supervised_step_flops
-
-if TYPE_CHECKING:
-    pass  # imported when the report draws, not at start-up
 
 
 @dataclass(frozen=True)
