@@ -41,8 +41,9 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def verdict(low: float, high: float) -> str:
-    return "energy ahead" if low > 0 else "energy behind" if high < 0 else "tied"
+def verdict(low: float, high: float, words: tuple[str, str, str] = ("energy ahead", "energy behind", "tied")) -> str:
+    """What an interval of a difference says: above zero, below zero, or either."""
+    return words[0] if low > 0 else words[1] if high < 0 else words[2]
 
 
 def interval(d: tuple[float, float, float]) -> str:
@@ -159,12 +160,14 @@ def claim_findings(table4: SeedScores) -> dict[str, list[Finding]]:
         findings[claim] = []
         for metric, (label, a, b) in itertools.product(TABLE4_METRICS, pairs):
             if d := table4.difference(a, b, metric):
-                words = "holds" if d[1] > 0 else "does not hold (the other way round)" if d[2] < 0 else UNSURE
+                words = verdict(*d[1:], words=("holds", "does not hold (the other way round)", UNSURE))
                 findings[claim].append(Finding(metric, label, a, b, d, words))
     findings[ALIKE] = []
     for metric in TABLE4_METRICS:
         if (pair := spread(table4, metric)) and (d := table4.difference(*pair, metric)):
-            words = "does not hold (they differ)" if d[1] > 0 else "cannot tell them apart"
+            words = verdict(
+                *d[1:], words=("does not hold (they differ)", "", "cannot tell them apart")
+            )  # best >= worst
             findings[ALIKE].append(
                 Finding(metric, "best {} minus worst {}".format(*(r[7:] for r in pair)), *pair, d, words)
             )
