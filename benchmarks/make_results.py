@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 # (heading, table written by a benchmark script, which names the command that regenerates it)
 SECTIONS = [
     ("Accuracy against pretraining compute: the protocol", "protocol.md"),
-    ("The paper's Table 4 at our scale: tasks, AE + task, K (in progress)", "table4.md"),
+    ("The paper's Table 4 at our scale: tasks, AE + task, K", "table4.md"),
     ("Accuracy against pretraining compute, to 32 supervised epochs (in progress)", "curve.md"),
     ("Semantic segmentation: the linear probe after each method's pretraining", "segmentation.md"),
     ("Our MAE against a reference implementation (lightly)", "peer_check.md"),
