@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 SECTIONS = [
     ("Accuracy against pretraining compute: the protocol", "protocol.md"),
     ("The paper's Table 4 at our scale: tasks, AE + task, K", "table4.md"),
-    ("Accuracy against pretraining compute, to 32 supervised epochs (in progress)", "curve.md"),
+    ("Accuracy against pretraining compute, to 32 supervised epochs", "curve.md"),
     ("Semantic segmentation: the linear probe after each method's pretraining", "segmentation.md"),
     ("Our MAE against a reference implementation (lightly)", "peer_check.md"),
     ("Superseded: accuracy at equal pretraining wall time (chosen on test, one seed)", "accuracy_per_compute.md"),
