@@ -75,6 +75,7 @@ PAPER_TABLE4 = (
 NO_COLOUR = "needs colour images; this machine has none"
 ALIKE = "the single tasks score alike (paper: 79.0 to 79.7)"
 UNSURE = "cannot tell at this scale"
+DIFFER = "does not hold (they differ)"  # either sign: a gap between two tasks, whichever is ahead
 
 
 class Finding(NamedTuple):
@@ -165,9 +166,7 @@ def claim_findings(table4: SeedScores) -> dict[str, list[Finding]]:
     findings[ALIKE] = []
     for metric in TABLE4_METRICS:
         if (pair := spread(table4, metric)) and (d := table4.difference(*pair, metric)):
-            words = verdict(
-                *d[1:], words=("does not hold (they differ)", "", "cannot tell them apart")
-            )  # best >= worst
+            words = verdict(*d[1:], words=(DIFFER, DIFFER, "cannot tell them apart"))
             findings[ALIKE].append(
                 Finding(metric, "best {} minus worst {}".format(*(r[7:] for r in pair)), *pair, d, words)
             )

@@ -47,6 +47,7 @@ def test_paired_differences_have_a_t_interval():
     assert mean == pytest.approx(8 / 3) and (low, high) == pytest.approx((8 / 3 - half, 8 / 3 + half))
     assert tables.verdict(low, high) == "energy ahead"
     assert tables.verdict(*tables.paired([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])[1:]) == "tied"
+    assert tables.verdict(*tables.paired([1.0, 1.0, 2.0], [3.0, 4.0, 5.0])[1:]) == "energy behind"
     assert accuracy.best({"a": 1.0, "b": 2.0, "c": 2.0}) == "b"  # ties go to the first listed
 
 
@@ -366,3 +367,17 @@ def test_table4_report_follows_the_papers_layout_and_says_what_each_claim_gets()
     assert "fine-tune 1%: best sorting minus worst denoise +0.43 [" in claims[tables.ALIKE]
     assert claims[tables.ALIKE].count("cannot tell them apart") == 3
     assert "| energy-sorting minus ae-sorting | fine-tune 1% | +2.00 [+2.00, +2.00] | holds | +2.3 |" in lines
+
+
+def test_table4_tie_claim_fails_where_the_single_tasks_clearly_differ():
+    """Two single tasks 3 points apart at every seed: the tie claim says they differ, on each metric."""
+    scores = {
+        f"{row}/blr0.01/s{seed}/{metric}": base + 0.1 * seed
+        for seed in (0, 1, 2)
+        for metric in tables.TABLE4_METRICS
+        for row, base in {"scratch": 70.0, "energy-denoise": 72.0, "energy-sorting": 75.0}.items()
+    }
+    _, claim_lines = tables.table4_section(tables.SeedScores(scores, seeds=(0, 1, 2)))
+    alike = next(line for line in claim_lines if tables.ALIKE in line)
+    assert "best sorting minus worst denoise +3.00 [+3.00, +3.00] does not hold (they differ)" in alike
+    assert alike.count(tables.DIFFER) == 3 and "cannot tell them apart" not in alike
